@@ -1,0 +1,28 @@
+# `make demo` and `make test` are the README's two commands: each sets up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 goes in first: it is the CPU build, and a plain `torch` requirement would pull a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/distill run configs/recipes/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/distill bench --quick --out bench/results.json
+
+clean:
+	rm -rf $(VENV) runs

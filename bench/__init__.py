@@ -1,0 +1,1 @@
+"""Benchmarks that report ratios measured side by side in one run."""

@@ -1,0 +1,1 @@
+"""Render and submit stages to Slurm, Kubernetes or local subprocesses."""

@@ -1,0 +1,168 @@
+"""`distill`: run recipes and stages, inspect and verify run directories.
+
+Errors a person can fix (bad config, missing file, mismatched input) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline import __version__, log
+from pipeline.config import ConfigError
+from pipeline.manifest import ManifestError
+from pipeline.world import world_from_env
+
+USER_ERRORS = (ConfigError, ManifestError, FileNotFoundError)
+"""Exceptions whose message is the whole story: printed as one line, no traceback."""
+
+
+def _run_dir(recipe, given: str | None) -> Path:
+    return Path(given or recipe.run.run_dir or Path("runs") / recipe.run.name)
+
+
+def _worker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", help="where stage outputs go (default: run.run_dir or runs/<run.name>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set stages.general.lr=3e-4 (repeatable)")
+    parser.add_argument("--force", action="store_true", help="redo stages even if their manifest matches")
+    parser.add_argument("--worker", type=int, help="this worker's index for shard-parallel stages")
+    parser.add_argument("--num-workers", type=int, help="number of workers splitting shard-parallel stages")
+
+
+def _configure_log(world) -> None:
+    # Training ranks other than 0 stay quiet; array workers tag their lines.
+    if world.world_size > 1:
+        log.configure(quiet=world.rank != 0)
+    elif world.num_workers > 1:
+        log.configure(prefix=f"[worker {world.worker}] ")
+
+
+def cmd_run(args) -> int:
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    world = world_from_env(args.worker, args.num_workers)
+    _configure_log(world)
+    stages = [s for s in (args.stages or "").split(",") if s]
+    run_recipe(recipe, _run_dir(recipe, args.run_dir), stages=stages, world=world, force=args.force)
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from pipeline.recipe import load_stage_file
+    from pipeline.runner import run_recipe
+
+    recipe = load_stage_file(args.name, args.config, args.overrides)
+    world = world_from_env(args.worker, args.num_workers)
+    _configure_log(world)
+    run_recipe(recipe, _run_dir(recipe, args.run_dir), stages=[args.name], world=world, force=args.force)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pipeline.inspect import format_status, stage_rows
+
+    rows = stage_rows(Path(args.run_dir))
+    extra = {}
+    try:
+        from launch.jobs import job_columns  # Slurm/K8s job ids and states, when the run was submitted
+    except ImportError:
+        job_columns = None
+    if job_columns is not None:
+        extra = job_columns(Path(args.run_dir))
+    print(json.dumps(rows, indent=2) if args.json else format_status(rows, extra))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from pipeline.inspect import verify_path
+
+    for line in verify_path(Path(args.path)):
+        print(line)
+    return 0
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(yaml.safe_dump(recipe.resolved(), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `distill` argument parser; other modules add their verbs through `COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="distill", description="Knowledge distillation for BERT-style models.")
+    parser.add_argument("--version", action="version", version=f"distill {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a recipe's stages in order")
+    p.add_argument("recipe")
+    p.add_argument("--stages", help="comma-separated subset of the recipe's stages")
+    _worker_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stage", help="run one stage (CONFIG is a recipe or that stage's own config)")
+    p.add_argument("name")
+    p.add_argument("config")
+    _worker_args(p)
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("status", help="table of a run's stages: done / partial / missing")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("verify", help="re-hash everything a manifest lists")
+    p.add_argument("path", help="a stage directory, its manifest.json, or a run directory")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("config", help="print the resolved config of a recipe")
+    p.add_argument("recipe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_config)
+
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def _extra_commands() -> list:
+    """Verbs that live with their subsystem (submit in launch/, promote in tracking, bench in bench/)."""
+    adders = []
+    for module, attr in (("launch.cli", "add_parser"), ("pipeline.promote", "add_parser"), ("bench.cli", "add_parser")):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ModuleNotFoundError as err:
+            if err.name and module.startswith(err.name):
+                continue
+            raise
+        adders.append(getattr(mod, attr))
+    return adders
+
+
+COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `distill` console script."""
+    COMMANDS[:] = _extra_commands()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distill: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""A recipe: run settings, tracking, launch settings and an ordered set of stages, each validated by its type."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import registry
+from pipeline.config import ConfigError, Sources, apply_overrides, build, load_yaml, to_dict
+from pipeline.tracking import TrackingConfig
+
+
+@dataclass(kw_only=True)
+class RunSection:
+    """Settings of the pipeline run as a whole."""
+
+    name: str = "distill"
+    """Run name: the default run directory is runs/<name>."""
+    seed: int = 0
+    """Seed from which stages derive theirs."""
+    run_dir: str | None = None
+    """Where stage outputs go; the CLI's --run-dir wins."""
+
+
+@dataclass(kw_only=True)
+class StageEntry:
+    """One stage of a recipe: its name (the directory it writes), type and validated config."""
+
+    name: str
+    spec: registry.StageSpec
+    config: Any
+
+    def input_fields(self) -> list[str]:
+        """Config fields that name upstream outputs (`metadata={"input": True}`)."""
+        return [f.name for f in dataclasses.fields(self.config) if f.metadata.get("input")]
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """A validated recipe."""
+
+    run: RunSection
+    tracking: TrackingConfig
+    launch: dict[str, Any]
+    stages: dict[str, StageEntry]
+    source: str
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def resolved(self) -> dict[str, Any]:
+        """The fully resolved recipe as plain data (what `distill config` prints and the run dir keeps)."""
+        return {
+            "run": to_dict(self.run),
+            "tracking": to_dict(self.tracking),
+            "launch": self.launch,
+            "stages": {n: {"stage": e.spec.name, **to_dict(e.config)} for n, e in self.stages.items()},
+        }
+
+
+TOP_KEYS = {"run": RunSection, "tracking": TrackingConfig}
+
+
+def parse(tree: dict, sources: Sources, origin: str) -> Recipe:
+    """Validate a merged YAML tree into a Recipe; stage sections are validated by their stage type's Config."""
+    known = set(TOP_KEYS) | {"launch", "stages"}
+    for key in tree:
+        if key not in known:
+            where = sources.get((key,), origin)
+            raise ConfigError(f"{where}: {key}: unknown key (known: {', '.join(sorted(known))})")
+    run = build(RunSection, tree.get("run") or {}, sources, ("run",), origin)
+    tracking = build(TrackingConfig, tree.get("tracking") or {}, sources, ("tracking",), origin)
+    launch = tree.get("launch") or {}
+    if not isinstance(launch, dict):
+        raise ConfigError(f"{sources.get(('launch',), origin)}: launch: expected a mapping")
+    stages_tree = tree.get("stages")
+    if not isinstance(stages_tree, dict) or not stages_tree:
+        raise ConfigError(f"{sources.get(('stages',), origin)}: stages: expected a mapping of stage name -> config")
+    stages = {}
+    for name, body in stages_tree.items():
+        body = dict(body or {})
+        where = sources.get(("stages", name), origin)
+        stage_type = body.pop("stage", name)
+        try:
+            spec = registry.get(stage_type)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: stages.{name}: {err}") from None
+        config = build(spec.config_class, body, sources, ("stages", name), origin)
+        stages[name] = StageEntry(name=name, spec=spec, config=config)
+    return Recipe(run=run, tracking=tracking, launch=launch, stages=stages, source=origin, raw=tree)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file with its includes, apply `--set` overrides and validate it."""
+    tree, sources = load_yaml(path)
+    apply_overrides(tree, sources, overrides or [])
+    return parse(tree, sources, str(path))
+
+
+def load_stage_file(stage: str, path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """`distill stage NAME FILE`: FILE is a recipe (NAME picks its stage) or one stage's own config."""
+    tree, sources = load_yaml(path)
+    if "stages" not in tree:
+        body_sources = {("stages", stage) + k: v for k, v in sources.items()}
+        tree, sources = {"stages": {stage: tree}}, body_sources
+    overrides = [o if o.split("=", 1)[0].startswith(("stages.", "run.", "tracking.", "launch.")) else f"stages.{stage}.{o}"
+                 for o in overrides or []]
+    apply_overrides(tree, sources, overrides)
+    recipe = parse(tree, sources, str(path))
+    if stage not in recipe.stages:
+        raise ConfigError(f"{path}: stages.{stage}: no such stage in this recipe (has: {', '.join(recipe.stages)})")
+    return recipe

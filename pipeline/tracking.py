@@ -1,0 +1,68 @@
+"""Experiment tracking seam. The runner calls a Tracker; only rank zero ever gets a real one.
+
+`NullTracker` does nothing. The MLflow tracker (parent run per pipeline, nested run per stage) plugs in
+through `make_tracker`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """Where and whether runs are tracked."""
+
+    enabled: bool = False
+    """Track runs in MLflow."""
+    uri: str | None = None
+    """MLflow tracking URI; None means an embedded sqlite database in the run directory."""
+    experiment: str = "distill"
+    """MLflow experiment name."""
+    required: bool = True
+    """When the server cannot be reached: fail (True) or buffer metrics to a file and go on (False)."""
+    timeout_s: float = 10.0
+    """How long to try reaching a tracking server before giving up."""
+
+    def __post_init__(self):
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+
+class NullTracker:
+    """A tracker that records nothing: non-zero ranks and runs with tracking disabled."""
+
+    def start_pipeline(self, name: str, run_dir: Path, config: dict[str, Any]) -> None:
+        """Open the run that groups this pipeline's stages."""
+
+    def end_pipeline(self, status: str = "FINISHED") -> None:
+        """Close the pipeline's run."""
+
+    def start_stage(self, name: str, stage_dir: Path, config: dict[str, Any], inputs: list) -> None:
+        """Open (or reopen, on resume) a stage's run."""
+
+    def end_stage(self, manifest: Any, status: str = "FINISHED") -> None:
+        """Close a stage's run, attaching its manifest."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Record scalar metrics at a step."""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Record parameters of the current stage."""
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Attach a file or folder to the current stage's run."""
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tag the current stage's run."""
+
+
+def make_tracker(config: TrackingConfig, run_dir: Path, is_main: bool):
+    """The tracker for this process: a real one on the main process when tracking is enabled."""
+    if not (config.enabled and is_main):
+        return NullTracker()
+    from pipeline.mlflow_tracker import MlflowTracker  # the MLflow dependency stays out of the hot import path
+
+    return MlflowTracker(config, run_dir)
