@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline import __version__, log
 from pipeline.config import ConfigError
 from pipeline.manifest import ManifestError
+from pipeline.preempt import EXIT_PREEMPTED, Preempted
 from pipeline.world import world_from_env
 
 USER_ERRORS = (ConfigError, ManifestError, FileNotFoundError)
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:
+        print(f"distill: preempted: {err} (checkpoint saved; rerun the same command to resume)", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("distill: interrupted", file=sys.stderr)
         return 130
