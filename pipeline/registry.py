@@ -18,6 +18,7 @@ from typing import Any, Callable
 from pipeline.config import ConfigError
 
 STAGES: dict[str, str] = {
+    "wordnet": "stages.wordnet",
     "shard": "stages.shard",
     "teacher_adapt": "stages.teacher_adapt",
     "cache": "stages.cache",

@@ -1,0 +1,50 @@
+"""The wordnet stage on a hand-made WordNet folder, and its refusal when WordNet is absent."""
+
+from __future__ import annotations
+
+import csv
+
+from tests.conftest import run_cli
+
+HEADER = "  1 This software and database is being provided to you, the LICENSEE, by Princeton University\n"
+
+
+def fake_wordnet(folder):
+    folder.mkdir()
+    (folder / "data.noun").write_text(
+        HEADER
+        + "00001740 03 n 01 entity 0 000 | that which is perceived or known to exist  \n"
+        + "02084071 05 n 01 dog 0 000 | a member of the genus Canis; \"the dog barked all night\"  \n"
+    )
+    (folder / "data.verb").write_text(HEADER + "00001740 29 v 01 breathe 0 000 | draw air into, and expel out of, the lungs  \n")
+    (folder / "data.adj").write_text(HEADER + "00001740 00 a 01 able 0 000 | having the necessary means or skill  \n")
+    (folder / "data.adv").write_text(HEADER + "00001740 02 r 01 barely 0 000 | only a very short time before  \n")
+
+
+def test_wordnet_stage_writes_corpus_and_task(tmp_path):
+    fake_wordnet(tmp_path / "wn")
+    config = tmp_path / "wordnet.yaml"
+    config.write_text(f"source: {tmp_path / 'wn'}\ndev_fraction: 0.4\n")
+    out = run_cli("stage", "wordnet", str(config), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    stage = tmp_path / "run" / "wordnet"
+    assert (stage / "corpus.txt").read_text().splitlines()[1] == 'a member of the genus Canis; "the dog barked all night"'
+    rows = []
+    for name in ("train.tsv", "dev.tsv"):
+        with open(stage / name) as handle:
+            rows += list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert sorted(r["label"] for r in rows) == sorted(["noun.Tops", "noun.animal", "verb.body", "adj.all", "adv.all"])
+    # The split is a function of the synset ids only: a rerun elsewhere gives the same files.
+    again = run_cli("stage", "wordnet", str(config), "--run-dir", str(tmp_path / "run2"))
+    assert again.returncode == 0
+    assert (stage / "dev.tsv").read_bytes() == (tmp_path / "run2" / "wordnet" / "dev.tsv").read_bytes()
+
+
+def test_missing_wordnet_says_how_to_install(tmp_path):
+    config = tmp_path / "wordnet.yaml"
+    config.write_text(f"source: {tmp_path / 'nowhere'}\n")
+    out = run_cli("stage", "wordnet", str(config), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("distill: error:")]
+    assert len(errors) == 1 and "apt-get install wordnet-base" in errors[0] and "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "wordnet" / "manifest.json").exists()
