@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launch.config import LaunchConfig
 from pipeline import registry
 from pipeline.config import ConfigError, Sources, apply_overrides, build, load_yaml, to_dict
 from pipeline.tracking import TrackingConfig
@@ -43,7 +44,7 @@ class Recipe:
 
     run: RunSection
     tracking: TrackingConfig
-    launch: dict[str, Any]
+    launch: LaunchConfig
     stages: dict[str, StageEntry]
     source: str
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -53,7 +54,7 @@ class Recipe:
         return {
             "run": to_dict(self.run),
             "tracking": to_dict(self.tracking),
-            "launch": self.launch,
+            "launch": to_dict(self.launch),
             "stages": {n: {"stage": e.spec.name, **to_dict(e.config)} for n, e in self.stages.items()},
         }
 
@@ -70,9 +71,7 @@ def parse(tree: dict, sources: Sources, origin: str) -> Recipe:
             raise ConfigError(f"{where}: {key}: unknown key (known: {', '.join(sorted(known))})")
     run = build(RunSection, tree.get("run") or {}, sources, ("run",), origin)
     tracking = build(TrackingConfig, tree.get("tracking") or {}, sources, ("tracking",), origin)
-    launch = tree.get("launch") or {}
-    if not isinstance(launch, dict):
-        raise ConfigError(f"{sources.get(('launch',), origin)}: launch: expected a mapping")
+    launch = build(LaunchConfig, tree.get("launch") or {}, sources, ("launch",), origin)
     stages_tree = tree.get("stages")
     if not isinstance(stages_tree, dict) or not stages_tree:
         raise ConfigError(f"{sources.get(('stages',), origin)}: stages: expected a mapping of stage name -> config")
