@@ -1,0 +1,355 @@
+"""MLflow tracking on the main process: one parent run per run directory, one nested run per stage.
+
+The default store is an embedded sqlite database in the run directory (`sqlite:///RUN_DIR/mlflow.db`, artifacts
+in `RUN_DIR/mlartifacts`); `tracking.uri` or `MLFLOW_TRACKING_URI` points at a server instead. A server is
+probed before use, so a dead one fails within `tracking.timeout_s`; with `tracking.required: false` every call is
+journaled to `RUN_DIR/mlflow_buffer.jsonl` instead and replayed at the next start (or `distill track replay`).
+Run ids live in `.mlflow_run_id` files, so a resumed stage continues its own run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import log
+from pipeline.config import ConfigError
+from pipeline.lineage import RUN_ID_FILE, input_tags, lineage_chain, read_run_id
+from pipeline.manifest import MANIFEST, Manifest, atomic_write_text, manifest_sha256
+from pipeline.tracking import NullTracker, TrackingConfig
+
+BUFFER = "mlflow_buffer.jsonl"
+"""Journal of tracker calls made while the server was unreachable."""
+
+
+def tracking_uri(config: TrackingConfig | None, run_dir: Path) -> str:
+    """The store to use: `tracking.uri`, else MLFLOW_TRACKING_URI, else sqlite in the run directory."""
+    given = (config.uri if config else None) or os.environ.get("MLFLOW_TRACKING_URI")
+    return given or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def bound_retries(timeout_s: float) -> None:
+    """Keep MLflow's HTTP client from retrying for minutes (its defaults: 7 retries, 120 s each)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(timeout_s))))
+
+
+def reachable(uri: str, timeout_s: float) -> bool:
+    """Whether an http(s) tracking server answers within `timeout_s`; other stores count as reachable."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=max(0.2, min(left, 3.0)))
+            return True  # any HTTP answer means something listens; auth errors surface on real calls
+        except requests.RequestException:
+            if deadline - time.monotonic() <= 0.5:
+                return False
+            time.sleep(0.5)
+
+
+def prepare_sqlite(uri: str) -> None:
+    """Create a missing sqlite store from a cached empty one: MLflow's own schema migrations take ~10 s on disk."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):])
+    if db.exists():
+        return
+    import mlflow
+    from mlflow import MlflowClient
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distill"
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    if not template.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            MlflowClient(f"sqlite:///{tmp}/empty.db").search_experiments()  # runs the migrations
+            os.replace(Path(tmp) / "empty.db", template)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, db)
+
+
+def system_tags() -> dict[str, str]:
+    """Where the run ran: host, Python, torch and MLflow versions."""
+    import mlflow
+
+    tags = {"distill.host": socket.gethostname(), "distill.python": platform.python_version(),
+            "distill.platform": platform.platform(), "distill.mlflow": mlflow.__version__}
+    try:
+        import torch
+
+        tags["distill.torch"] = torch.__version__
+        tags["distill.cuda"] = str(torch.cuda.is_available())
+    except ImportError:
+        pass
+    return tags
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config as dotted MLflow params (values cut to MLflow's 6000-character limit)."""
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): json.dumps(tree)[:6000] if not isinstance(tree, str) else tree[:6000]}
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(float(v))}
+
+
+class MlflowTracker(NullTracker):
+    """Records a pipeline run in MLflow; offline (journaling to a file) when the server is down and not required."""
+
+    def __init__(self, config: TrackingConfig, run_dir: Path):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.uri = tracking_uri(config, run_dir)
+        self.buffer: Path | None = None
+        self.client = None
+        self.parent: str | None = None
+        self.stage_run: str | None = None
+        self.stage_dir: Path | None = None
+        self._warned = False
+        bound_retries(config.timeout_s)
+        if not reachable(self.uri, config.timeout_s):
+            if config.required:
+                raise ConfigError(
+                    f"tracking.uri {self.uri}: no answer within {config.timeout_s:g} s; start the server, fix "
+                    "tracking.uri, or set tracking.required: false to buffer metrics and replay them later")
+            self.buffer = self.run_dir / BUFFER
+            log.warn(f"tracking server {self.uri} unreachable: buffering to {self.buffer} (replayed at the next "
+                     f"start, or run `distill track replay {self.run_dir}`)")
+            return
+        from mlflow import MlflowClient
+
+        prepare_sqlite(self.uri)
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = self._experiment()
+
+    def _experiment(self) -> str:
+        found = self.client.get_experiment_by_name(self.config.experiment)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):
+            location = (self.run_dir.resolve() / "mlartifacts").as_uri()
+        return self.client.create_experiment(self.config.experiment, artifact_location=location)
+
+    # -- offline journal ---------------------------------------------------------------------------------
+
+    def _journal(self, op: str, **args: Any) -> None:
+        self.buffer.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.buffer, "a") as handle:
+            handle.write(json.dumps({"op": op, "time_ms": int(time.time() * 1000), **args}, default=str) + "\n")
+
+    def replay(self) -> int:
+        """Send a journal left by an offline run to the (now reachable) server; return how many calls were sent."""
+        path = self.run_dir / BUFFER
+        if self.client is None or not path.is_file():
+            return 0
+        events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for event in events:
+            op = event.pop("op")
+            stamp = event.pop("time_ms")
+            if op == "log_metrics":
+                self._log_metrics(event["metrics"], event["step"], stamp)
+            elif op == "end_stage":
+                stage_dir = Path(event["stage_dir"])
+                manifest = Manifest.load(stage_dir) if (stage_dir / MANIFEST).is_file() else None
+                self.end_stage(manifest, event["status"])
+            else:
+                getattr(self, op)(**event)
+        os.replace(path, path.with_name(f"{BUFFER}.replayed-{int(time.time())}"))
+        log.info(f"replayed {len(events)} buffered tracking calls to {self.uri}")
+        return len(events)
+
+    # -- online helpers ----------------------------------------------------------------------------------
+
+    def _guard(self, what: str, call) -> Any:
+        """Run a tracking call; a failure stops the run when tracking is required, else warns once."""
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - any store error is reported the same way
+            if self.config.required:
+                raise ConfigError(f"tracking.uri {self.uri}: {what} failed: {str(err).splitlines()[0][:300]}") from None
+            if not self._warned:
+                log.warn(f"tracking {what} failed ({str(err).splitlines()[0][:200]}); training goes on untracked")
+                self._warned = True
+            return None
+
+    def _reopen(self, id_file: Path) -> str | None:
+        """The run recorded in `id_file` if this store still has it, set running again."""
+        run_id = read_run_id(id_file.parent)
+        if run_id is None:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - another store, or the run was purged
+            return None
+        if run.info.lifecycle_stage == "deleted":
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def _open(self, id_file: Path, name: str, tags: dict[str, str]) -> tuple[str, bool]:
+        run_id = self._reopen(id_file)
+        if run_id is not None:
+            return run_id, True
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        atomic_write_text(id_file, run_id + "\n")
+        return run_id, False
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        # A resumed run keeps the params it has; MLflow refuses to change a logged param.
+        have = self.client.get_run(run_id).data.params
+        fresh = [Param(k, str(v)) for k, v in flatten(params).items() if k not in have]
+        for start in range(0, len(fresh), 100):
+            self.client.log_batch(run_id, params=fresh[start:start + 100])
+
+    def _log_metrics(self, metrics: dict[str, Any], step: int | None, stamp: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self.stage_run or self.parent
+        stamp = stamp or int(time.time() * 1000)
+        batch = [Metric(k, v, stamp, int(step or 0)) for k, v in _numeric(metrics).items()]
+        if run_id and batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    # -- the Tracker interface ---------------------------------------------------------------------------
+
+    def start_pipeline(self, name: str, run_dir: Path, config: dict[str, Any]) -> None:
+        """Open (or reopen) the run directory's parent run, after replaying any offline journal."""
+        if self.buffer is not None:
+            return self._journal("start_pipeline", name=name, run_dir=str(run_dir), config=config)
+        self._guard("replay", self.replay)
+
+        def start():
+            from pipeline.runner import git_commit
+
+            tags = {"distill.run_dir": str(Path(run_dir).resolve()), **system_tags()}
+            if commit := git_commit():
+                tags["mlflow.source.git.commit"] = commit
+            self.parent, _ = self._open(Path(run_dir) / RUN_ID_FILE, name, tags)
+            self._log_params(self.parent, {"run": config.get("run", {}), "tracking": config.get("tracking", {})})
+            if (Path(run_dir) / "config.yaml").is_file():
+                self.client.log_artifact(self.parent, str(Path(run_dir) / "config.yaml"))
+
+        self._guard("start_pipeline", start)
+
+    def end_pipeline(self, status: str = "FINISHED") -> None:
+        """Close the parent run."""
+        if self.buffer is not None:
+            return self._journal("end_pipeline", status=status)
+        if self.parent:
+            self._guard("end_pipeline", lambda: self.client.set_terminated(self.parent, status))
+
+    def start_stage(self, name: str, stage_dir: Path, config: dict[str, Any], inputs: list) -> None:
+        """Open (or continue, on resume) the stage's nested run; tag what it consumed."""
+        rows = [i if isinstance(i, dict) else {"field": i.field, "ref": i.ref, "path": str(i.path), "sha256": i.sha256}
+                for i in inputs]
+        self.stage_dir = Path(stage_dir)
+        if self.buffer is not None:
+            return self._journal("start_stage", name=name, stage_dir=str(stage_dir), config=config, inputs=rows)
+
+        def start():
+            tags = {"distill.stage": name, "distill.stage_dir": str(Path(stage_dir).resolve()), **input_tags(rows)}
+            if self.parent:
+                tags["mlflow.parentRunId"] = self.parent
+            self.stage_run, resumed = self._open(Path(stage_dir) / RUN_ID_FILE, name, tags)
+            if resumed:
+                self.client.set_tag(self.stage_run, "distill.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            self._log_params(self.stage_run, config)
+            if (Path(stage_dir) / "config.yaml").is_file():
+                self.client.log_artifact(self.stage_run, str(Path(stage_dir) / "config.yaml"))
+            chain = [link for row in rows for link in lineage_chain(Path(row["path"]))]
+            if chain:
+                self.client.log_dict(self.stage_run, chain, "lineage.json")
+                path = " <- ".join([name] + list(dict.fromkeys(f"{c['name']}({c['stage']})" for c in chain)))
+                self.client.set_tag(self.stage_run, "distill.lineage", path[:5000])
+
+        self._guard("start_stage", start)
+
+    def end_stage(self, manifest: Any, status: str = "FINISHED") -> None:
+        """Attach the manifest, its metrics, the model (in full) and plots; close the stage's run."""
+        if self.buffer is not None:
+            return self._journal("end_stage", stage_dir=str(self.stage_dir), status=status)
+        if self.stage_run is None:
+            return
+        if manifest is not None:
+            self._guard("end_stage", lambda: self._finish(manifest))
+        if status != "RUNNING":
+            self._guard("end_stage", lambda: self.client.set_terminated(self.stage_run, status))
+        self.stage_run = None
+
+    def _finish(self, manifest: Manifest) -> None:
+        from pipeline.plots import log_stage_plots
+
+        stage_dir = self.stage_dir
+        run_id = self.stage_run
+        self._log_metrics(manifest.metrics, None)
+        totals = manifest.totals()
+        # Large outputs stay where they are: the run records where and which (URI + manifest hash).
+        self.client.set_tag(run_id, "distill.output.uri", stage_dir.resolve().as_uri())
+        self.client.set_tag(run_id, "distill.manifest_sha256", manifest_sha256(stage_dir))
+        self.client.set_tag(run_id, "distill.output.files", str(totals["files"]))
+        self.client.set_tag(run_id, "distill.output.bytes", str(totals["bytes"]))
+        self.client.log_artifact(run_id, str(stage_dir / MANIFEST))
+        self.client.log_artifact(run_id, str(stage_dir / RUN_ID_FILE))
+        model_dir = manifest.extra.get("model_dir")
+        if model_dir and (stage_dir / model_dir).is_dir():
+            self.client.log_artifacts(run_id, str(stage_dir / model_dir), model_dir)
+            self.client.set_tag(run_id, "distill.model_dir", model_dir)
+        log_stage_plots(self.client, run_id, manifest.metrics)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Record scalar metrics of the current stage at `step`."""
+        if self.buffer is not None:
+            return self._journal("log_metrics", metrics=_numeric(metrics), step=step)
+        self._guard("log_metrics", lambda: self._log_metrics(metrics, step))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Record parameters of the current stage (ones already logged are kept)."""
+        if self.buffer is not None:
+            return self._journal("log_params", params=params)
+        run_id = self.stage_run or self.parent
+        if run_id:
+            self._guard("log_params", lambda: self._log_params(run_id, params))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Attach a file or a folder to the current stage's run."""
+        if self.buffer is not None:
+            return self._journal("log_artifact", path=str(path), artifact_path=artifact_path)
+        run_id = self.stage_run or self.parent
+        if not run_id:
+            return
+        log_one = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+        self._guard("log_artifact", lambda: log_one(run_id, str(path), artifact_path))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tag the current stage's run."""
+        if self.buffer is not None:
+            return self._journal("set_tags", tags=tags)
+        run_id = self.stage_run or self.parent
+        if run_id:
+            self._guard("set_tags", lambda: [self.client.set_tag(run_id, k, str(v)) for k, v in tags.items()])
+
+
+from pipeline.lineage import resolve_mlflow_uri  # noqa: E402,F401 - the framework imports it from here

@@ -1,0 +1,93 @@
+"""Pictures of a stage's run: loss curves per component, and teacher vs student metrics, as PNG files.
+
+The drawing functions take plain data and write a file (testable without MLflow); `log_stage_plots` reads a
+run's metric history from MLflow and attaches the pictures to it under `plots/`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TEACHER_PREFIX = "teacher_"
+"""Manifest metrics named `teacher_<metric>` are the teacher's value of `<metric>`."""
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training nodes
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_curves(histories: dict[str, list[tuple[int, float]]], path: Path) -> Path | None:
+    """One line per loss component (step -> value); None when there is no curve to draw."""
+    curves = {k: sorted(v) for k, v in histories.items() if len(v) > 1}
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for name, points in sorted(curves.items()):
+        ax.plot([s for s, _ in points], [v for _, v in points], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss by component")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def teacher_student_pairs(metrics: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Metric name -> (teacher value, student value) for every metric recorded for both."""
+    pairs = {}
+    for key, value in metrics.items():
+        if key.startswith(TEACHER_PREFIX) and isinstance(value, (int, float)):
+            student = metrics.get(key[len(TEACHER_PREFIX):])
+            if isinstance(student, (int, float)) and not isinstance(student, bool):
+                pairs[key[len(TEACHER_PREFIX):]] = (float(value), float(student))
+    return pairs
+
+
+def teacher_vs_student(metrics: dict[str, Any], path: Path) -> Path | None:
+    """Side-by-side bars of teacher and student for each shared metric; None when there are none."""
+    pairs = teacher_student_pairs(metrics)
+    if not pairs:
+        return None
+    plt = _pyplot()
+    names = sorted(pairs)
+    xs = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(names)), 4), dpi=100)
+    ax.bar([x - 0.2 for x in xs], [pairs[n][0] for n in names], width=0.4, label="teacher")
+    ax.bar([x + 0.2 for x in xs], [pairs[n][1] for n in names], width=0.4, label="student")
+    for x, name in zip(xs, names):
+        teacher, student = pairs[name]
+        if teacher:
+            ax.annotate(f"{100 * student / teacher:.1f}%", (x + 0.2, student), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), names)
+    ax.set_title("teacher vs student (student as % of teacher)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def log_stage_plots(client, run_id: str, manifest_metrics: dict[str, Any]) -> list[str]:
+    """Draw a run's loss curves and teacher-vs-student bars and log them under `plots/`; return their names."""
+    run = client.get_run(run_id)
+    loss_keys = [k for k in run.data.metrics if "loss" in k.lower()]
+    histories = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in loss_keys}
+    logged = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for made in (loss_curves(histories, Path(tmp) / "loss_curves.png"),
+                     teacher_vs_student(manifest_metrics, Path(tmp) / "teacher_vs_student.png")):
+            if made is not None:
+                client.log_artifact(run_id, str(made), "plots")
+                logged.append(f"plots/{made.name}")
+    return logged
