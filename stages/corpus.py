@@ -1,0 +1,218 @@
+"""Read what the `shard` stage wrote: its tokenizer, its shards, and a deterministic, resumable sample stream.
+
+The global order of samples for (seed, epoch) depends only on the manifest: shard order is a seeded
+permutation and a seeded, bounded shuffle buffer mixes samples across neighbouring shards. Rank r of w
+takes global positions start + r, start + r + w, ...; a state saved after N global samples resumes at
+position N on any world size. DataLoader workers split a rank's positions further, round-robin, so with
+batch_size=1 per worker the rank sees the same order as without workers.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.config import ConfigError
+from pipeline.manifest import Manifest, ManifestError, sha256_file
+from stages.shard_io import MEMBERS
+from stages.tokenizer_train import load_tokenizer_from, tokenizer_sha256
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One packed sequence: `input_ids` int32 starting with [CLS], `token_type_ids` uint8 of the same length."""
+
+    key: str
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray
+
+
+def shard_manifest(shard_dir: Path) -> Manifest:
+    """The manifest of a finished shard stage; anything else is a ConfigError naming the folder."""
+    manifest = Manifest.load(Path(shard_dir))
+    if "splits" not in manifest.extra or "tokenizer_dir" not in manifest.extra:
+        raise ConfigError(f"{shard_dir}: not the output of a `shard` stage (stage {manifest.stage!r})")
+    return manifest
+
+
+def load_tokenizer(shard_dir: Path):
+    """The tokenizer the shards were made with, checked against the manifest's hash."""
+    manifest = shard_manifest(shard_dir)
+    tok_dir = Path(shard_dir) / manifest.extra["tokenizer_dir"]
+    if not tok_dir.is_dir() or tokenizer_sha256(tok_dir) != manifest.extra["tokenizer_sha256"]:
+        raise ManifestError(f"{tok_dir}: tokenizer missing or altered since the shards were written; rerun shard")
+    return load_tokenizer_from(tok_dir, "shard tokenizer")
+
+
+def shard_paths(shard_dir: Path, split: str = "train") -> list[Path]:
+    """Paths of a split's shards, in manifest order."""
+    splits = shard_manifest(shard_dir).extra["splits"]
+    if split not in splits:
+        raise ConfigError(f"{shard_dir}: no split {split!r} (has {', '.join(splits)})")
+    return [Path(shard_dir) / name for name in splits[split]["shards"]]
+
+
+def _array(path: Path, member: str, data: bytes, dtype) -> np.ndarray:
+    array = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    if array.ndim != 1 or array.dtype != dtype:
+        raise ValueError(f"{member} is {array.dtype} with shape {array.shape}, expected 1-D {np.dtype(dtype)}")
+    return array
+
+
+def read_shard(path: Path) -> Iterator[Sample]:
+    """The samples of one tar shard in file order; a corrupt or truncated shard is a ManifestError naming it."""
+    path = Path(path)
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            pending: dict[str, bytes] = {}
+            current = None
+            for info in tar:
+                key, _, member = info.name.partition(".")
+                if member not in MEMBERS or not info.isfile():
+                    raise ValueError(f"unexpected member {info.name!r}")
+                if current is not None and key != current:
+                    yield _sample(path, current, pending)
+                    pending = {}
+                current = key
+                pending[member] = tar.extractfile(info).read()
+            if current is not None:
+                yield _sample(path, current, pending)
+    except (tarfile.TarError, ValueError, OSError, EOFError, KeyError) as err:
+        raise ManifestError(f"{path}: corrupt shard ({err}); rerun the shard stage with --force") from None
+
+
+def _sample(path: Path, key: str, members: dict[str, bytes]) -> Sample:
+    ids = _array(path, MEMBERS[0], members[MEMBERS[0]], np.int32)
+    types = _array(path, MEMBERS[1], members[MEMBERS[1]], np.uint8)
+    if len(ids) != len(types):
+        raise ValueError(f"{key}: input_ids and token_type_ids differ in length")
+    return Sample(key, ids, types)
+
+
+def global_order(counts: list[int], *, seed: int, epoch: int, shuffle: bool, buffer: int) -> Iterator[tuple[int, int]]:
+    """(shard, index) of every sample in the global order for (seed, epoch); a function of `counts` alone."""
+    shards = np.random.default_rng([seed, epoch, 0]).permutation(len(counts)) if shuffle else range(len(counts))
+    if not shuffle:
+        for s in shards:
+            for j in range(counts[s]):
+                yield s, j
+        return
+    rng = np.random.default_rng([seed, epoch, 1])
+    draws, used = rng.random(4096), 0
+    pool: list[tuple[int, int]] = []
+    for s in shards:
+        for j in range(counts[s]):
+            if len(pool) < buffer:
+                pool.append((int(s), j))
+                continue
+            if used == len(draws):
+                draws, used = rng.random(4096), 0
+            k = int(draws[used] * buffer)
+            used += 1
+            yield pool[k]
+            pool[k] = (int(s), j)
+    for k in np.random.default_rng([seed, epoch, 2]).permutation(len(pool)):
+        yield pool[k]
+
+
+class CorpusReader(IterableDataset):
+    """Samples of one split in the global order for (seed, epoch), this rank's share, resumable exactly."""
+
+    def __init__(self, shard_dir: Path, split: str = "train", *, seed: int = 0, shuffle: bool = True,
+                 shuffle_buffer: int = 1024, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                 loop: bool = False, verify: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+        self.shard_dir, self.split = Path(shard_dir), split
+        self.paths = shard_paths(self.shard_dir, split)
+        outputs = {o.path: o for o in shard_manifest(self.shard_dir).outputs}
+        self.counts = [outputs[p.name].items["samples"] for p in self.paths]
+        self.hashes = [outputs[p.name].sha256 for p in self.paths]
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.rank, self.world_size, self.loop, self.verify = rank, world_size, loop, verify
+        self.epoch, self.offset = epoch, 0
+        self._verified: set[int] = set()
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in one epoch of the split (all ranks together)."""
+        return sum(self.counts)
+
+    def state_dict(self) -> dict:
+        """Where the stream stands: epoch, global samples consumed in it, seed; independent of world size."""
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved state (possibly saved at another world size)."""
+        if state["seed"] != self.seed:
+            raise ConfigError(f"reader state has seed {state['seed']}, this reader {self.seed}: resume with the same seed")
+        if not 0 <= state["offset"] <= self.num_samples:
+            raise ConfigError(f"reader state offset {state['offset']} is outside this split's {self.num_samples} samples")
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+    def _load(self, s: int) -> list[Sample]:
+        path = self.paths[s]
+        if self.verify and s not in self._verified:
+            if not path.is_file() or sha256_file(path) != self.hashes[s]:
+                raise ManifestError(f"{path}: missing or does not match its sha256 in the manifest; rerun shard")
+            self._verified.add(s)
+        samples = list(read_shard(path))
+        if len(samples) != self.counts[s]:
+            raise ManifestError(f"{path}: {len(samples)} samples, the manifest says {self.counts[s]}")
+        return samples
+
+    def _epoch(self, epoch: int, start: int, first: int, stride: int) -> Iterator[Sample]:
+        """Samples at global positions start + first + k * stride of one epoch."""
+        remaining = list(self.counts)
+        cache: dict[int, list[Sample]] = {}
+        order = global_order(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle, buffer=self.shuffle_buffer)
+        for position, (s, j) in enumerate(order):
+            mine = position >= start and (position - start) % stride == first
+            if mine and s not in cache:
+                cache[s] = self._load(s)
+            sample = cache[s][j] if mine else None
+            remaining[s] -= 1
+            if remaining[s] == 0:
+                cache.pop(s, None)  # every sample of this shard has gone by: free it
+            if sample is not None:
+                yield sample
+
+    def __iter__(self) -> Iterator[Sample]:
+        """One epoch from the saved position (or forever with loop=True); the state advances as samples are taken."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        stride = self.world_size * workers
+        first = self.rank + self.world_size * worker
+        while True:
+            start, taken = self.offset, 0
+            for sample in self._epoch(self.epoch, start, first, stride):
+                taken += 1
+                # Every rank takes its k-th sample in the same step, so k * world_size global samples are consumed.
+                self.offset = min(start + taken * self.world_size, self.num_samples)
+                yield sample
+            self.epoch, self.offset = self.epoch + 1, 0
+            if not self.loop:
+                return
+
+
+def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a list of samples to the longest: input_ids, token_type_ids and attention_mask, all int64."""
+    length = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    token_type_ids = torch.zeros((len(samples), length), dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample.input_ids)
+        input_ids[row, :n] = torch.from_numpy(sample.input_ids.astype(np.int64))
+        token_type_ids[row, :n] = torch.from_numpy(sample.token_type_ids.astype(np.int64))
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
