@@ -81,7 +81,7 @@ def soft_ce_topk(
     k = ids.shape[-1]
     if tail_logmass is None or k >= vocab:
         return temperature**2 * _soft_ce(t_top.softmax(-1), s_top).mean()
-    # A rounded cache can store log(1 - sum p) slightly above 0 or as NaN; both mean "no tail".
+    # Rounding can make 1 - sum p slightly negative, so a cache may hold NaN: it means "no tail".
     tail = torch.nan_to_num(tail_logmass.float(), nan=-math.inf).clamp(max=0.0)
     rest = vocab - k
     t_tail = (1.0 - 1.0 / temperature) * math.log(rest) + tail / temperature
