@@ -1,0 +1,104 @@
+"""The engine seam: LR schedule, DeepSpeed JSON merging, and torch vs DeepSpeed ZeRO-0 training the same way."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.engine import EngineSettings, build_engine, deepspeed_json, lr_at
+from pipeline.world import World
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    kw = dict(lr=1.0, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    assert [lr_at(s, **kw) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, **kw) == pytest.approx(1.0)
+    # Half-way through the decay: 0.1 + 0.9 * (1 + cos(pi / 2)) / 2 = 0.55.
+    assert lr_at(9, **kw) == pytest.approx(0.55)
+    assert lr_at(14, **kw) == pytest.approx(0.1) and lr_at(100, **kw) == pytest.approx(0.1)
+    assert lr_at(0, lr=2.0, warmup_steps=0, total_steps=1, min_lr_ratio=0.0) == pytest.approx(2.0)
+    assert math.isclose(lr_at(5, lr=1.0, warmup_steps=0, total_steps=10, min_lr_ratio=0.0), 0.5)
+
+
+def test_deepspeed_json_fills_our_values(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": "auto", "overlap_comm": True},
+                                "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 0.5}))
+    settings = EngineSettings(micro_batch_size=4, grad_accum=3, clip_norm=0.5, precision="bf16", zero_stage=2,
+                              deepspeed_config=str(user))
+    cfg = deepspeed_json(settings, world_size=2)
+    assert cfg["train_batch_size"] == 24 and cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 3 and cfg["bf16"] == {"enabled": True}
+    assert cfg["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert cfg["zero_allow_untested_optimizer"] is True
+
+
+@pytest.mark.parametrize("content, key", [
+    ({"train_micro_batch_size_per_gpu": 16}, "train_micro_batch_size_per_gpu"),
+    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled"),
+    ({"optimizer": {"type": "Adam"}}, "optimizer"),
+    ({"fp16": {"enabled": True}}, "fp16"),
+])
+def test_deepspeed_json_conflicts_are_config_errors(tmp_path, content, key):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        deepspeed_json(EngineSettings(micro_batch_size=8, zero_stage=2, deepspeed_config=str(user)), 1)
+    assert str(user) in str(err.value) and "\n" not in str(err.value)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.2), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def _train(engine, micro_steps: int, first: int = 0) -> list[float]:
+    losses = []
+    for i in range(first, first + micro_steps):
+        gen = torch.Generator().manual_seed(i)
+        x = torch.randn(4, 6, generator=gen)
+        torch.manual_seed(1000 + i)  # the dropout mask of micro step i, whatever the engine
+        loss = (engine.forward(x).float().squeeze(-1) - x.sum(-1)).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+SETTINGS = dict(lr=0.05, warmup_steps=2, total_steps=4, grad_accum=2, micro_batch_size=4, clip_norm=0.5)
+
+
+def test_torch_and_deepspeed_zero0_train_identically():
+    ours = build_engine(_model(), settings=EngineSettings(backend="torch", **SETTINGS), world=World())
+    theirs = build_engine(_model(), settings=EngineSettings(backend="deepspeed", zero_stage=0, **SETTINGS), world=World())
+    a, b = _train(ours, 8), _train(theirs, 8)
+    assert ours.global_step == theirs.global_step == 4 and ours.micro_step == 8
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    exported = theirs.state_dict_for_export()
+    for name, tensor in ours.state_dict_for_export().items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_engine_save_load_continues_bit_equal(tmp_path):
+    settings = EngineSettings(backend="torch", **SETTINGS)
+    straight = build_engine(_model(), settings=settings, world=World())
+    expected = _train(straight, 8)
+    first = build_engine(_model(), settings=settings, world=World())
+    _train(first, 4)
+    first.save(tmp_path / "engine")
+    second = build_engine(_model(), settings=settings, world=World())
+    second.load(tmp_path / "engine")
+    assert second.global_step == 2 and second.lr == first.lr
+    assert _train(second, 4, first=4) == expected[4:]
+    for name, tensor in straight.state_dict_for_export().items():
+        assert torch.equal(second.state_dict_for_export()[name], tensor), name
+
+
+def test_torch_engine_refuses_zero_settings():
+    with pytest.raises(ConfigError, match="deepspeed"):
+        build_engine(_model(), settings=EngineSettings(backend="torch", zero_stage=2), world=World())
