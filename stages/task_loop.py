@@ -1,0 +1,211 @@
+"""The `task` stage's training: student classifier construction, per-phase losses, checkpoints, exact resume.
+
+A plain single-process torch loop kept behind `train(...)` so that it can move onto the shared training
+engine without touching the stage. Batches are a pure function of (seed, phase, epoch, step), the learning
+rate a pure function of the step, and the checkpoint holds weights, optimizer moments and the RNG state, so
+resuming from `ckpt/step-N/` gives bit-identical weights to a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline import log
+from pipeline.config import ConfigError
+from pipeline.manifest import atomic_path, atomic_write_text
+from stages import losses
+from stages.introspect import AttentionCapture
+from stages.taskdata import pad_batch
+
+CKPT = "ckpt"
+
+
+def build_classifier(folder, student_init, teacher, num_labels: int):
+    """A sequence-classification student: from a saved model folder, or built from the teacher's layers
+    (the teacher's classifier copied when widths allow, since it already separates the task's classes)."""
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    from stages.student import build_student
+
+    if folder is not None:
+        student = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), num_labels=num_labels, attn_implementation="eager")
+    else:
+        mlm = build_student(student_init, teacher)
+        cfg = mlm.config
+        cfg.num_labels = num_labels
+        student = BertForSequenceClassification(cfg)
+        student.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
+        if student.classifier.weight.shape == teacher.classifier.weight.shape:
+            student.classifier.load_state_dict(teacher.classifier.state_dict())
+        student.bert.pooler.requires_grad_(True)
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ConfigError(f"student vocab {student.config.vocab_size} != teacher vocab {teacher.config.vocab_size}; "
+                          "use a student built for the teacher's tokenizer")
+    return student
+
+
+def _projection(student, teacher) -> nn.Module:
+    """TinyBERT's W_h: a learned map from student to teacher width (identity when they match)."""
+    s, t = student.config.hidden_size, teacher.config.hidden_size
+    return nn.Identity() if s == t else nn.Linear(s, t)
+
+
+def _intermediate_loss(config, student, teacher, proj, batch) -> torch.Tensor:
+    mask = batch["attention_mask"]
+    if student.config.num_attention_heads != teacher.config.num_attention_heads:
+        raise ConfigError(f"TinyBERT attention loss needs equal head counts: student "
+                          f"{student.config.num_attention_heads}, teacher {teacher.config.num_attention_heads}")
+    mapping = losses.layer_map(config.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    with AttentionCapture(student) as s_cap, AttentionCapture(teacher) as t_cap:
+        s_out = student(**batch, output_hidden_states=True)
+        with torch.no_grad():
+            t_out = teacher(**batch, output_hidden_states=True)
+            t_scores = [s.detach() for s in t_cap.scores(mask)]
+        s_scores = s_cap.scores(mask)
+    loss = losses.hidden_mse(proj(s_out.hidden_states[0]), t_out.hidden_states[0], mask)
+    for m, g in enumerate(mapping, start=1):
+        loss = loss + losses.hidden_mse(proj(s_out.hidden_states[m]), t_out.hidden_states[g], mask)
+        if g > 0:
+            loss = loss + losses.attention_mse(s_scores[m - 1], t_scores[g - 1], mask)
+    return loss
+
+
+def _teacher_targets(teacher, batch, cached, pick, want_cls: bool, counts: dict):
+    """Teacher logits (and [CLS] per layer) for a batch: from the cache when it has them, else a forward."""
+    if cached is not None and (not want_cls or "cls" in cached):
+        cls = [c for c in cached["cls"][:, pick]] if want_cls else None
+        return cached["logits"][pick], cls
+    counts["teacher_train_examples"] += len(pick)
+    with torch.no_grad():
+        out = teacher(**batch, output_hidden_states=want_cls)
+    return out.logits, [h[:, 0] for h in out.hidden_states] if want_cls else None
+
+
+def _soft(config, s_logits, t_logits, regression: bool):
+    if regression:
+        return nn.functional.mse_loss(s_logits.float(), t_logits.float())
+    return losses.task_soft_ce(s_logits, t_logits, config.temperature)
+
+
+def _phase_loss(phase, config, student, teacher, proj, batch, labels, cached, pick, counts, regression):
+    if phase == "intermediate":
+        counts["teacher_train_examples"] += len(pick)
+        return _intermediate_loss(config, student, teacher, proj, batch)
+    want_cls = phase == "pkd"
+    t_logits, t_cls = _teacher_targets(teacher, batch, cached, pick, want_cls, counts)
+    s_out = student(**batch, output_hidden_states=want_cls)
+    soft = _soft(config, s_out.logits, t_logits, regression)
+    if phase == "prediction":
+        return soft
+    hard = losses.hard_loss(s_out.logits, labels, regression=regression)
+    m_count = student.config.num_hidden_layers
+    mapping = losses.layer_map(config.pkd_layers, m_count, teacher.config.num_hidden_layers)[:-1]
+    loss = (1 - config.alpha) * hard + config.alpha * soft
+    if mapping:  # the top layer is already taught by the soft loss (Patient KD, sec. 3)
+        s_cls = [s_out.hidden_states[m][:, 0] for m in range(1, m_count)]
+        loss = loss + config.beta * losses.pkd_cls_mse(s_cls, [t_cls[g] for g in mapping])
+    return loss
+
+
+def _latest(root: Path) -> tuple[Path | None, dict | None]:
+    steps = sorted((int(p.name[5:]), p) for p in root.glob("step-*") if (p / "state.json").is_file())
+    if not steps:
+        return None, None
+    return steps[-1][1], json.loads((steps[-1][1] / "state.json").read_text())
+
+
+def _save(root: Path, global_step: int, state: dict, student, proj, opt, keep_last: int) -> None:
+    """step-N/: weights (safetensors), optimizer + RNG (tensors only), state.json written last."""
+    from safetensors.torch import save_file
+
+    folder = root / f"step-{global_step}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    weights = {f"student.{k}": v.contiguous() for k, v in student.state_dict().items()}
+    weights.update({f"proj.{k}": v.contiguous() for k, v in proj.state_dict().items()})
+    with atomic_path(folder / "weights.safetensors") as tmp:
+        save_file(weights, str(tmp))
+    with atomic_path(folder / "optimizer.pt") as tmp:
+        torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state()}, tmp)
+    atomic_write_text(folder / "state.json", json.dumps(state))
+    done = sorted((int(p.name[5:]), p) for p in root.glob("step-*") if (p / "state.json").is_file())
+    for _, old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load(folder: Path, student, proj, opt=None) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "weights.safetensors"))
+    student.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("student.")})
+    proj.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("proj.")})
+    if opt is not None:
+        extra = torch.load(folder / "optimizer.pt", weights_only=True)
+        opt.load_state_dict(extra["optimizer"])
+        torch.set_rng_state(extra["rng"])
+
+
+def _lr(config, step: int, total: int) -> float:
+    warmup = max(1, int(0.1 * total))
+    return config.lr * min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+
+
+def train(config, ctx, student, teacher, data, cached, pad_id: int, *, regression: bool) -> dict:
+    """Run the objective's phases with checkpoints every `checkpoint_every` steps, resuming from the newest."""
+    ids, types, labels = data
+    n = len(ids)
+    per_epoch = math.ceil(n / config.batch_size)
+    root = ctx.stage_dir / CKPT
+    proj = _projection(student, teacher)
+    teacher.eval()
+    found, state = _latest(root)
+    if found is not None:
+        log.info(f"task: resuming from {found.name} (phase {state['phase']}, step {state['step']})")
+        _load(found, student, proj)
+    counts = {"teacher_train_examples": 0, "steps": 0, "resumed_from_step": state["global_step"] if state else 0}
+    global_step = 0
+    for index, (phase, epochs) in enumerate(config.phases()):
+        total = max(1, int(epochs * per_epoch))
+        total = min(total, config.max_steps) if config.max_steps else total
+        params = list(student.parameters()) + list(proj.parameters())
+        opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=config.lr, weight_decay=0.01)
+        step = 0
+        if state is not None and state["phase"] > index:
+            global_step += total
+            continue
+        if state is not None and state["phase"] == index:
+            _load(found, student, proj, opt)
+            step = state["step"]
+        student.train()
+        while step < total:
+            epoch, offset = divmod(step, per_epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed * 7919 + index * 101 + epoch))
+            pick = order[offset * config.batch_size : (offset + 1) * config.batch_size]
+            batch = pad_batch([ids[i] for i in pick], [types[i] for i in pick], pad_id)
+            target = torch.as_tensor(labels[pick.numpy()])
+            for group in opt.param_groups:
+                group["lr"] = _lr(config, step, total)
+            loss = _phase_loss(phase, config, student, teacher, proj, batch, target, cached, pick, counts, regression)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            counts["steps"] += 1
+            ctx.tracker.log_metrics({f"{phase}_loss": loss.item()}, global_step + step)
+            if step % config.checkpoint_every == 0 or step == total:
+                _save(root, global_step + step, {"phase": index, "step": step, "global_step": global_step + step},
+                      student, proj, opt, config.keep_last)
+            if step % 50 == 0 or step == total:
+                log.info(f"task: {phase} step {step}/{total} loss {loss.item():.4f}")
+        global_step += total
+        state = None
+    student.eval()
+    return counts
