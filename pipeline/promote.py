@@ -1,0 +1,186 @@
+"""Promotion gates and the model registry: `distill promote` and `distill track replay`.
+
+A gate is `METRIC OP EXPR`, e.g. `dev_acc>=0.99*teacher`:
+  METRIC   a metric recorded with the model version (the stage manifest's metrics)
+  OP       one of >= > <= < ==
+  EXPR     factors joined by `*`; a factor is a number, another metric's name, or `teacher`, which means the
+           teacher's value of METRIC (`teacher_METRIC` among the metrics)
+An alias moves only when every gate holds; otherwise the refusal names each failing gate with its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError
+from pipeline.plots import TEACHER_PREFIX
+
+OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq}
+_GATE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|>|<)\s*(\S.*?)\s*$")
+_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
+
+
+class PromotionRefused(ConfigError):
+    """A gate did not hold: the alias was not moved. The message says which gate and why."""
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A parsed promotion gate."""
+
+    text: str
+    metric: str
+    op: str
+    factors: tuple[float | str, ...]
+    """Numbers, metric names and `teacher`, multiplied together."""
+
+
+def parse_gate(text: str) -> Gate:
+    """Parse `METRIC OP EXPR`; a malformed gate is a ConfigError quoting it."""
+    match = _GATE.match(text)
+    if not match:
+        raise ConfigError(f"gate {text!r}: expected METRIC OP EXPR, e.g. 'dev_acc>=0.99*teacher' (OP: >= > <= < ==)")
+    metric, op, expr = match.groups()
+    factors: list[float | str] = []
+    for raw in expr.split("*"):
+        raw = raw.strip()
+        try:
+            factors.append(float(raw))
+        except ValueError:
+            if not _NAME.match(raw):
+                raise ConfigError(f"gate {text!r}: {raw!r} is not a number, a metric name or 'teacher'") from None
+            factors.append(raw)
+    return Gate(text=text.strip(), metric=metric, op=op, factors=tuple(factors))
+
+
+def _value(name: str, metrics: dict[str, Any], gate: Gate) -> float:
+    key = TEACHER_PREFIX + gate.metric if name == "teacher" else name
+    value = metrics.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        have = ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))) or "none"
+        what = f"the teacher's {gate.metric} ({key})" if name == "teacher" else key
+        raise PromotionRefused(f"gate {gate.text!r}: {what} is not recorded (metrics: {have})")
+    return float(value)
+
+
+def evaluate(gate: Gate, metrics: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the gate holds for `metrics`, and a line showing the numbers compared."""
+    left = _value(gate.metric, metrics, gate)
+    right = 1.0
+    for factor in gate.factors:
+        right *= factor if isinstance(factor, float) else _value(factor, metrics, gate)
+    holds = OPS[gate.op](left, right)
+    shown = "*".join(f"{f:g}" if isinstance(f, float) else f for f in gate.factors)
+    sign = gate.op if holds else {">=": "<", ">": "<=", "<=": ">", "<": ">=", "==": "!="}[gate.op]
+    return holds, f"{gate.metric}={left:.6g} {sign} {shown}={right:.6g}"
+
+
+def check_gates(gates: list[str], metrics: dict[str, Any]) -> tuple[bool, str]:
+    """Evaluate every gate; (all hold, one line: each gate's comparison, failures first)."""
+    results = [evaluate(parse_gate(g), metrics) for g in gates]
+    failed = [line for ok, line in results if not ok]
+    passed = [line for ok, line in results if ok]
+    if failed:
+        return False, "; ".join(failed)
+    return True, "; ".join(passed) or "no gates"
+
+
+def version_metrics(client, version) -> dict[str, Any]:
+    """The metrics a model version was registered with (its tag), else its run's metrics."""
+    recorded = version.tags.get("distill.metrics")
+    if recorded:
+        return json.loads(recorded)
+    return dict(client.get_run(version.run_id).data.metrics) if version.run_id else {}
+
+
+def find_version(client, name: str, version: str | None = None, run_id: str | None = None):
+    """A model version by number, or the newest one registered from `run_id`."""
+    try:
+        if version is not None:
+            return client.get_model_version(name, str(version))
+        found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except Exception:  # noqa: BLE001 - unknown model and unknown version read the same to a user
+        raise ConfigError(f"model {name!r} version {version}: not found in the registry") from None
+    if not found:
+        raise ConfigError(f"model {name!r}: no version was registered from run {run_id}")
+    return max(found, key=lambda v: int(v.version))
+
+
+def promote(client, name: str, version, alias: str, gates: list[str]) -> str:
+    """Point `alias` at `version` when every gate holds; raise PromotionRefused with the reason otherwise."""
+    ok, reason = check_gates(gates, version_metrics(client, version))
+    if not ok:
+        client.set_model_version_tag(name, version.version, "distill.promotion", f"refused @{alias}: {reason}")
+        raise PromotionRefused(f"{name} version {version.version} not promoted to @{alias}: {reason}")
+    client.set_registered_model_alias(name, alias, version.version)
+    client.set_model_version_tag(name, version.version, "distill.promotion", f"@{alias}: {reason}")
+    return f"{name} version {version.version} is now @{alias} ({reason})"
+
+
+def _client(args):
+    import os
+
+    from mlflow import MlflowClient
+
+    from pipeline.mlflow_tracker import bound_retries, prepare_sqlite, reachable
+
+    uri = args.tracking_uri or (f"sqlite:///{Path(args.run_dir).resolve() / 'mlflow.db'}" if args.run_dir else None)
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ConfigError("no tracking store: give --tracking-uri URI, --run-dir DIR or set MLFLOW_TRACKING_URI")
+    bound_retries(args.timeout)
+    if not reachable(uri, args.timeout):
+        raise ConfigError(f"tracking server {uri}: no answer within {args.timeout:g} s")
+    prepare_sqlite(uri)
+    return MlflowClient(uri)
+
+
+def cmd_promote(args) -> int:
+    client = _client(args)
+    version = find_version(client, args.name, args.version, args.run)
+    print(promote(client, args.name, version, args.alias, args.require))
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from pipeline.mlflow_tracker import BUFFER, MlflowTracker
+    from pipeline.tracking import TrackingConfig
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / BUFFER).is_file():
+        raise ConfigError(f"{run_dir / BUFFER}: nothing to replay")
+    config = TrackingConfig(enabled=True, uri=args.tracking_uri, timeout_s=args.timeout)
+    print(f"replayed {MlflowTracker(config, run_dir).replay()} tracking calls")
+    return 0
+
+
+def _store_args(parser) -> None:
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+
+
+def add_parser(subparsers) -> None:
+    """Add `distill promote` and `distill track replay` to the CLI."""
+    p = subparsers.add_parser("promote", help="move a registered model's alias to a version if its gates hold")
+    p.add_argument("name", help="registered model name")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", help="model version number")
+    which.add_argument("--run", help="the run the version was registered from")
+    p.add_argument("--alias", default="champion", help="alias to move (default: champion)")
+    p.add_argument("--require", action="append", default=[], metavar="GATE",
+                   help="gate that must hold, e.g. 'dev_acc>=0.99*teacher' (repeatable)")
+    p.add_argument("--run-dir", help="use the embedded store of this run directory")
+    _store_args(p)
+    p.set_defaults(func=cmd_promote)
+
+    p = subparsers.add_parser("track", help="tracking maintenance")
+    verbs = p.add_subparsers(dest="track_command", required=True)
+    r = verbs.add_parser("replay", help="send metrics buffered while the tracking server was down")
+    r.add_argument("run_dir")
+    _store_args(r)
+    r.set_defaults(func=cmd_replay)
