@@ -74,9 +74,11 @@ def soft_ce_topk(
     """
     _check_temperature(temperature)
     vocab = student_logits.shape[-1]
-    s_logp = (student_logits.float() / temperature).log_softmax(-1)
+    # Two [N, V] temporaries at most: the tempered logits and (with a tail) a copy with the k ids removed.
+    scaled = student_logits.float() / temperature
+    log_z = scaled.logsumexp(-1, keepdim=True)
     ids = topk_ids.long()
-    s_top = s_logp.gather(-1, ids)
+    s_top = scaled.gather(-1, ids) - log_z
     t_top = topk_logp.float() / temperature
     k = ids.shape[-1]
     if tail_logmass is None or k >= vocab:
@@ -86,10 +88,9 @@ def soft_ce_topk(
     rest = vocab - k
     t_tail = (1.0 - 1.0 / temperature) * math.log(rest) + tail / temperature
     q = torch.cat([t_top, t_tail.unsqueeze(-1)], -1).softmax(-1)
-    # The student's tail bucket: logsumexp over the ids the cache did not list.
-    s_tail = s_logp.scatter(-1, ids, -math.inf).logsumexp(-1)
-    s_all = torch.cat([s_top, s_tail.unsqueeze(-1)], -1)
-    return temperature**2 * _soft_ce(q, s_all).mean()
+    # The student's tail bucket exactly (not 1 - sum, which cancels badly): logsumexp over the unlisted ids.
+    s_tail = scaled.scatter(-1, ids, -math.inf).logsumexp(-1, keepdim=True) - log_z
+    return temperature**2 * _soft_ce(q, torch.cat([s_top, s_tail], -1)).mean()
 
 
 def soft_ce_sampled(
@@ -110,12 +111,13 @@ def soft_ce_sampled(
 
 
 def mlm_loss(student_logits: Tensor, labels: Tensor) -> Tensor:
-    """Masked-LM cross-entropy on the true tokens (DistilBERT's L_mlm); labels of -100 are ignored.
-    A batch with no masked token gives 0 (still attached to the graph) rather than NaN."""
+    """Masked-LM cross-entropy on the true tokens (DistilBERT's L_mlm), averaged over the labelled positions;
+    labels of -100 are ignored. A batch with no masked token gives 0 (still attached to the graph)."""
     flat_labels = labels.reshape(-1)
-    if not (flat_labels != -100).any():
-        return student_logits.sum() * 0.0
-    return F.cross_entropy(student_logits.float().reshape(flat_labels.numel(), -1), flat_labels, ignore_index=-100)
+    logits = student_logits.float().reshape(flat_labels.numel(), -1)
+    # Sum / count instead of a mean: no NaN and no host sync when nothing is masked.
+    total = F.cross_entropy(logits, flat_labels, ignore_index=-100, reduction="sum")
+    return total / (flat_labels != -100).sum().clamp(min=1)
 
 
 def _valid(mask: Tensor | None, like: Tensor) -> Tensor:
