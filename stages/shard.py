@@ -68,7 +68,7 @@ class Config:
     wait_timeout_s: float = field(default=600.0, metadata={"hash": False})
     """How long other workers wait for worker 0 to train the tokenizer."""
     kill_after_bytes: int | None = field(default=None, metadata={"hash": False})
-    """Test hook: SIGKILL this process after writing this many bytes of its first shard (mid-write)."""
+    """Test hook: SIGKILL this process once it has written this many shard bytes (mid-shard)."""
 
     def __post_init__(self):
         if not self.inputs:
@@ -153,7 +153,8 @@ def _done_record(stage_dir: Path, name: str) -> dict | None:
     return record
 
 
-def _write_block(config: Config, ctx, backend, ids: dict, split: str, index: int, texts: list[str]) -> dict:
+def _write_block(config: Config, ctx, backend, ids: dict, split: str, index: int, texts: list[str],
+                 kill_after_bytes: int | None = None) -> dict:
     """Tokenize, pack and write one block as shard `index` of `split`; record its counts."""
     name = _shard_name(split, index)
     docs = []
@@ -164,7 +165,7 @@ def _write_block(config: Config, ctx, backend, ids: dict, split: str, index: int
     samples = pack(docs, config.max_seq_len, ids["cls_id"], ids["sep_id"])
     for stale in ctx.stage_dir.glob(f".tmp-{name}.*"):
         stale.unlink(missing_ok=True)  # left by a killed run of this worker's shard
-    shard_io.write_shard(ctx.stage_dir / name, f"{split}-{index:06d}", samples, kill_after_bytes=config.kill_after_bytes)
+    shard_io.write_shard(ctx.stage_dir / name, f"{split}-{index:06d}", samples, kill_after_bytes=kill_after_bytes)
     record = {"samples": len(samples), "tokens": int(sum(len(s[0]) for s in samples)),
               "doc_tokens": int(sum(len(d) for d in docs)), "docs": len(texts),
               "bytes": (ctx.stage_dir / name).stat().st_size, "sha256": sha256_file(ctx.stage_dir / name)}
@@ -183,18 +184,20 @@ def run(config: Config, ctx):
     counts = {split: 0 for split in SPLITS}  # blocks seen per split
     docs_per_split = {split: 0 for split in SPLITS}
     stats = CleaningStats()
-    started, written, tokens_written = time.monotonic(), 0, 0
+    started, written, tokens_written, bytes_written = time.monotonic(), 0, 0, 0
 
     def flush(split: str) -> None:
-        nonlocal written, tokens_written
+        nonlocal written, tokens_written, bytes_written
         index = counts[split]
         counts[split] += 1
         texts, blocks[split] = blocks[split], []
         name = _shard_name(split, index)
         if index % world.num_workers != world.worker or _done_record(ctx.stage_dir, name) is not None:
             return
-        record = _write_block(config, ctx, backend, ids, split, index, texts)
+        hook = None if config.kill_after_bytes is None else max(1, config.kill_after_bytes - bytes_written)
+        record = _write_block(config, ctx, backend, ids, split, index, texts, hook)
         written += 1
+        bytes_written += record["bytes"]
         tokens_written += record["tokens"]
         rate = tokens_written / max(time.monotonic() - started, 1e-9)
         log.info(f"{name}: {record['samples']} samples, {record['tokens']} tokens ({rate:,.0f} tokens/s)")

@@ -95,6 +95,9 @@ class _KillAfter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    def tell(self) -> int:
+        return self.handle.tell()
+
     def write(self, data) -> int:
         self.count += len(data)
         if self.count >= self.limit:
