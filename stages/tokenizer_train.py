@@ -8,6 +8,7 @@ without the `sentencepiece` package; `spm.model` is kept beside it for reference
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -56,11 +57,12 @@ def train_sentencepiece(lines: Iterable[str], spec: TrainTokenizer, out_dir: Pat
     if not sample:
         raise ConfigError("train_tokenizer: no training documents to learn a vocabulary from")
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_prefix = out_dir / "spm"
+    # Trained into memory: a model_prefix path would be stored in the model and differ between run dirs.
+    model = io.BytesIO()
     spm.set_random_generator_seed(spec.seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sample), model_prefix=str(model_prefix), vocab_size=spec.vocab_size,
+            sentence_iterator=iter(sample), model_writer=model, vocab_size=spec.vocab_size,
             model_type=spec.model_type, character_coverage=spec.character_coverage,
             normalization_rule_name="identity",
             pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, pad_piece=SPECIALS["pad"], unk_piece=SPECIALS["unk"],
@@ -69,8 +71,8 @@ def train_sentencepiece(lines: Iterable[str], spec: TrainTokenizer, out_dir: Pat
         )
     except RuntimeError as err:
         raise ConfigError(f"train_tokenizer: SentencePiece training failed: {str(err).splitlines()[0]}") from None
-    (out_dir / "spm.vocab").unlink(missing_ok=True)
-    processor = spm.SentencePieceProcessor(model_file=str(model_prefix) + ".model")
+    (out_dir / "spm.model").write_bytes(model.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     fast = wrap_sentencepiece(processor, lowercase=spec.lowercase)
     fast.save_pretrained(str(out_dir))
     return fast
