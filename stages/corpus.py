@@ -9,8 +9,7 @@ batch_size=1 per worker the rank sees the same order as without workers.
 
 from __future__ import annotations
 
-import io
-import tarfile
+import ast
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -59,38 +58,77 @@ def shard_paths(shard_dir: Path, split: str = "train") -> list[Path]:
     return [Path(shard_dir) / name for name in splits[split]["shards"]]
 
 
-def _array(path: Path, member: str, data: bytes, dtype) -> np.ndarray:
-    array = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
-    if array.ndim != 1 or array.dtype != dtype:
-        raise ValueError(f"{member} is {array.dtype} with shape {array.shape}, expected 1-D {np.dtype(dtype)}")
-    return array
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, int]] = {}
+"""Parsed .npy headers by their bytes: every sample of a given length shares one, so each is parsed once."""
+_END = b"\0" * 512
+
+
+def _npy(data: memoryview, member: str, dtype) -> np.ndarray:
+    """A 1-D array from .npy bytes, without pickle; the header must say exactly `dtype`, C order."""
+    if bytes(data[:6]) != b"\x93NUMPY":
+        raise ValueError(f"{member}: not a .npy array")
+    size_bytes = 2 if data[6] == 1 else 4
+    header_end = 8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")
+    header = bytes(data[8 + size_bytes:header_end])
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        fields = ast.literal_eval(header.decode("latin1"))  # a dict literal; never unpickled
+        shape = fields["shape"]
+        if np.dtype(fields["descr"]) != np.dtype(dtype) or fields["fortran_order"] or len(shape) != 1:
+            raise ValueError(f"{member}: {fields['descr']} with shape {shape}, expected 1-D {np.dtype(dtype)}")
+        parsed = _NPY_HEADERS.setdefault(header, (np.dtype(dtype), shape[0]))
+    kind, count = parsed
+    if len(data) - header_end != count * kind.itemsize:
+        raise ValueError(f"{member}: {len(data) - header_end} data bytes for {count} items")
+    return np.frombuffer(data, dtype=kind, count=count, offset=header_end).copy()
+
+
+def _members(data: bytes) -> Iterator[tuple[str, memoryview]]:
+    """(name, bytes) of each regular file of a ustar archive, checking header checksums and truncation."""
+    view, pos = memoryview(data), 0
+    while pos + 512 <= len(data):
+        header = data[pos:pos + 512]
+        if header == _END:
+            return
+        checksum = int(header[148:156].strip(b"\0 ") or b"-1", 8)
+        if checksum != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise ValueError(f"bad tar header checksum at byte {pos}")
+        if header[156:157] not in (b"0", b"\0"):
+            raise ValueError(f"unexpected tar member type {header[156:157]!r} at byte {pos}")
+        name = header[:100].split(b"\0", 1)[0].decode()
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        body = pos + 512
+        if body + size > len(data):
+            raise ValueError(f"{name} is truncated")
+        yield name, view[body:body + size]
+        pos = body + (size + 511) // 512 * 512
+    raise ValueError("archive ends without its end-of-archive block (truncated)")
 
 
 def read_shard(path: Path) -> Iterator[Sample]:
     """The samples of one tar shard in file order; a corrupt or truncated shard is a ManifestError naming it."""
     path = Path(path)
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            pending: dict[str, bytes] = {}
-            current = None
-            for info in tar:
-                key, _, member = info.name.partition(".")
-                if member not in MEMBERS or not info.isfile():
-                    raise ValueError(f"unexpected member {info.name!r}")
-                if current is not None and key != current:
-                    yield _sample(path, current, pending)
-                    pending = {}
-                current = key
-                pending[member] = tar.extractfile(info).read()
-            if current is not None:
-                yield _sample(path, current, pending)
-    except (tarfile.TarError, ValueError, OSError, EOFError, KeyError) as err:
+        pending: dict[str, memoryview] = {}
+        current = None
+        for name, body in _members(path.read_bytes()):
+            key, _, member = name.partition(".")
+            if member not in MEMBERS:
+                raise ValueError(f"unexpected member {name!r}")
+            if current is not None and key != current:
+                yield _sample(current, pending)
+                pending = {}
+            current = key
+            pending[member] = body
+        if current is not None:
+            yield _sample(current, pending)
+    except (ValueError, OSError, KeyError, SyntaxError, TypeError) as err:
         raise ManifestError(f"{path}: corrupt shard ({err}); rerun the shard stage with --force") from None
 
 
-def _sample(path: Path, key: str, members: dict[str, bytes]) -> Sample:
-    ids = _array(path, MEMBERS[0], members[MEMBERS[0]], np.int32)
-    types = _array(path, MEMBERS[1], members[MEMBERS[1]], np.uint8)
+def _sample(key: str, members: dict[str, memoryview]) -> Sample:
+    ids = _npy(members[MEMBERS[0]], MEMBERS[0], np.int32)
+    types = _npy(members[MEMBERS[1]], MEMBERS[1], np.uint8)
     if len(ids) != len(types):
         raise ValueError(f"{key}: input_ids and token_type_ids differ in length")
     return Sample(key, ids, types)
