@@ -163,19 +163,26 @@ class MlflowTracker(NullTracker):
         path = self.run_dir / BUFFER
         if self.client is None or not path.is_file():
             return 0
-        events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        for event in events:
-            op = event.pop("op")
-            stamp = event.pop("time_ms")
-            if op == "log_metrics":
-                self._log_metrics(event["metrics"], event["step"], stamp)
-            elif op == "end_stage":
-                stage_dir = Path(event["stage_dir"])
-                manifest = Manifest.load(stage_dir) if (stage_dir / MANIFEST).is_file() else None
-                self.end_stage(manifest, event["status"])
-            else:
-                getattr(self, op)(**event)
-        os.replace(path, path.with_name(f"{BUFFER}.replayed-{int(time.time())}"))
+        # Move the journal aside first: replaying calls start_pipeline, which must not replay it again.
+        replaying = path.with_name(f"{BUFFER}.replaying")
+        os.replace(path, replaying)
+        try:
+            events = [json.loads(line) for line in replaying.read_text().splitlines() if line.strip()]
+            for event in events:
+                op = event.pop("op")
+                stamp = event.pop("time_ms")
+                if op == "log_metrics":
+                    self._log_metrics(event["metrics"], event["step"], stamp)
+                elif op == "end_stage":
+                    stage_dir = Path(event["stage_dir"])
+                    manifest = Manifest.load(stage_dir) if (stage_dir / MANIFEST).is_file() else None
+                    self.end_stage(manifest, event["status"])
+                else:
+                    getattr(self, op)(**event)
+        except BaseException:
+            os.replace(replaying, path)  # try again later; runs reopen through their id files
+            raise
+        os.replace(replaying, path.with_name(f"{BUFFER}.replayed-{int(time.time())}"))
         log.info(f"replayed {len(events)} buffered tracking calls to {self.uri}")
         return len(events)
 

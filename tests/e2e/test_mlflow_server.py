@@ -1,0 +1,92 @@
+"""MLflow tracking against a real `mlflow server` (remote artifact store), and against a dead one."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.cli import main as distill
+from pipeline.config import ConfigError
+from pipeline.lineage import read_run_id
+from pipeline.mlflow_tracker import BUFFER
+from pipeline.recipe import load_recipe
+from pipeline.runner import run_recipe
+from tests.e2e.test_mlflow import artifact_paths, runs_by_name, write_recipe
+from tests.fixtures.mlflow_server import free_port, mlflow_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
+        yield uri
+
+
+def test_server_runs_registry_and_download(tmp_path, server):
+    recipe = write_recipe(tmp_path / "a.yaml", {
+        "numbers": {"count": 3},
+        "toy": {"stage": "toy_model", "dev_acc": 0.95},
+        "reg": {"stage": "register", "model": "@toy", "name": "served-student", "alias": "champion",
+                "require": ["dev_acc>=0.99*teacher"]},
+    }, uri=server)
+    run_recipe(load_recipe(recipe), tmp_path / "run")
+    client = MlflowClient(server)
+    runs = runs_by_name(client)
+    assert not (tmp_path / "run" / "mlflow.db").exists(), "tracking.uri was ignored"
+    toy_id = read_run_id(tmp_path / "run" / "toy")
+    assert client.get_run(toy_id).data.tags["mlflow.parentRunId"] == read_run_id(tmp_path / "run")
+    assert runs["reg"].data.tags["distill.input.model.run_id"] == toy_id
+    assert "model/model.safetensors" in artifact_paths(client, toy_id)
+    assert client.get_run(toy_id).info.artifact_uri.startswith("mlflow-artifacts:")
+    assert client.get_model_version_by_alias("served-student", "champion").run_id == toy_id
+
+    # A job elsewhere: the model comes by alias, downloaded and checked; the shard-like output by URI + hash.
+    numbers_id = read_run_id(tmp_path / "run" / "numbers")
+    later = write_recipe(tmp_path / "b.yaml", {
+        "total": {"numbers": f"runs:/{numbers_id}"},
+        "reg": {"stage": "register", "model": "models:/served-student@champion", "name": "served-copy"},
+    }, uri=server)
+    results = run_recipe(load_recipe(later), tmp_path / "run2")
+    fetched = tmp_path / "run2" / ".resolved" / "runs" / toy_id
+    assert (fetched / "model" / "model.safetensors").is_file() and (fetched / "manifest.json").is_file()
+    assert results["reg"].inputs[0].path == str(fetched)
+    assert results["total"].metrics["total"] == 3
+
+    # A tampered download is refused, naming the file.
+    (fetched / "model" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="config.json"):
+        run_recipe(load_recipe(later), tmp_path / "run2", force=True)
+
+
+def test_dead_server_fails_within_timeout(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {"numbers": {"count": 2}},
+                          uri=f"http://127.0.0.1:{free_port()}", timeout_s=2)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="no answer within 2 s.*tracking.required: false"):
+        run_recipe(load_recipe(recipe), tmp_path / "run")
+    assert time.monotonic() - started < 8
+    assert not (tmp_path / "run" / "numbers" / "manifest.json").exists()
+
+
+def test_dead_server_buffers_then_replays(tmp_path, server, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", {"toy": {"stage": "toy_model", "steps": 3}},
+                          uri=f"http://127.0.0.1:{free_port()}", timeout_s=1, required=False)
+    results = run_recipe(load_recipe(recipe), tmp_path / "run")
+    assert results["toy"].metrics["dev_acc"] == 0.9
+    events = [json.loads(line) for line in (tmp_path / "run" / BUFFER).read_text().splitlines()]
+    assert [e["op"] for e in events if e["op"] != "log_metrics"] == ["start_pipeline", "start_stage", "end_stage",
+                                                                    "end_pipeline"]
+    assert sum(e["op"] == "log_metrics" for e in events) == 3
+
+    capsys.readouterr()
+    assert distill(["track", "replay", str(tmp_path / "run"), "--tracking-uri", server]) == 0
+    assert "replayed 7 tracking calls" in capsys.readouterr().out
+    assert not (tmp_path / "run" / BUFFER).exists()
+    client = MlflowClient(server)
+    stage_id = read_run_id(tmp_path / "run" / "toy")
+    run = client.get_run(stage_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == read_run_id(tmp_path / "run")
+    assert [m.step for m in client.get_metric_history(stage_id, "loss_kd")] == [0, 1, 2]
+    assert "model/model.safetensors" in artifact_paths(client, stage_id)
