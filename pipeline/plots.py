@@ -12,6 +12,10 @@ from typing import Any
 
 TEACHER_PREFIX = "teacher_"
 """Manifest metrics named `teacher_<metric>` are the teacher's value of `<metric>`."""
+STUDENT_PREFIX = "student_"
+"""The student's value of `<metric>` is `<metric>` or `student_<metric>`."""
+NOT_LOSSES = ("lr", "tokens_per_s", "steps", "samples_per_s")
+"""`train/` metrics that are not loss components."""
 
 
 def _pyplot():
@@ -48,9 +52,10 @@ def teacher_student_pairs(metrics: dict[str, Any]) -> dict[str, tuple[float, flo
     pairs = {}
     for key, value in metrics.items():
         if key.startswith(TEACHER_PREFIX) and isinstance(value, (int, float)):
-            student = metrics.get(key[len(TEACHER_PREFIX):])
+            name = key[len(TEACHER_PREFIX):]
+            student = metrics.get(name, metrics.get(STUDENT_PREFIX + name))
             if isinstance(student, (int, float)) and not isinstance(student, bool):
-                pairs[key[len(TEACHER_PREFIX):]] = (float(value), float(student))
+                pairs[name] = (float(value), float(student))
     return pairs
 
 
@@ -81,7 +86,8 @@ def teacher_vs_student(metrics: dict[str, Any], path: Path) -> Path | None:
 def log_stage_plots(client, run_id: str, manifest_metrics: dict[str, Any]) -> list[str]:
     """Draw a run's loss curves and teacher-vs-student bars and log them under `plots/`; return their names."""
     run = client.get_run(run_id)
-    loss_keys = [k for k in run.data.metrics if "loss" in k.lower()]
+    loss_keys = [k for k in run.data.metrics
+                 if "loss" in k.lower() or (k.startswith("train/") and k.split("/", 1)[1] not in NOT_LOSSES)]
     histories = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in loss_keys}
     logged = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,10 +1,12 @@
 """Promotion gates and the model registry: `distill promote` and `distill track replay`.
 
 A gate is `METRIC OP EXPR`, e.g. `dev_acc>=0.99*teacher`:
-  METRIC   a metric recorded with the model version (the stage manifest's metrics)
+  METRIC   a metric recorded with the model version (the stage manifest's metrics; `dev_acc` also finds
+           `student_dev_acc`)
   OP       one of >= > <= < ==
   EXPR     factors joined by `*`; a factor is a number, another metric's name, or `teacher`, which means the
-           teacher's value of METRIC (`teacher_METRIC` among the metrics)
+           teacher's value of METRIC (`teacher_METRIC`, with
+           any `student_` prefix of METRIC dropped)
 An alias moves only when every gate holds; otherwise the refusal names each failing gate with its numbers.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError
-from pipeline.plots import TEACHER_PREFIX
+from pipeline.plots import STUDENT_PREFIX, TEACHER_PREFIX
 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq}
 _GATE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|>|<)\s*(\S.*?)\s*$")
@@ -59,7 +61,10 @@ def parse_gate(text: str) -> Gate:
 
 
 def _value(name: str, metrics: dict[str, Any], gate: Gate) -> float:
-    key = TEACHER_PREFIX + gate.metric if name == "teacher" else name
+    if name == "teacher":  # the teacher's value of the gated metric: dev_acc or student_dev_acc -> teacher_dev_acc
+        key = TEACHER_PREFIX + gate.metric.removeprefix(STUDENT_PREFIX)
+    else:  # the task stage records the student's metrics as student_<name>
+        key = name if name in metrics else STUDENT_PREFIX + name
     value = metrics.get(key)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         have = ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))) or "none"

@@ -40,6 +40,16 @@ def test_check_gates_reports_failures_first():
     assert check_gates([], METRICS) == (True, "no gates")
 
 
+def test_student_prefix_as_the_task_stage_records_it():
+    task = {"student_dev_accuracy": 0.88, "teacher_dev_accuracy": 0.9}
+    # 0.98 * 0.9 = 0.882 > 0.88: refused; 0.97 * 0.9 = 0.873 <= 0.88: holds.
+    assert evaluate(parse_gate("dev_accuracy>=0.98*teacher"), task) == (
+        False, "dev_accuracy=0.88 < 0.98*teacher=0.882")
+    assert evaluate(parse_gate("student_dev_accuracy>=0.97*teacher"), task) == (
+        True, "student_dev_accuracy=0.88 >= 0.97*teacher=0.873")
+    assert teacher_student_pairs(task) == {"dev_accuracy": (0.9, 0.88)}
+
+
 def test_missing_metric_is_a_refusal_naming_what_exists():
     with pytest.raises(PromotionRefused, match=r"the teacher's dev_f1 \(teacher_dev_f1\) is not recorded"):
         check_gates(["dev_f1>=teacher"], METRICS)
