@@ -18,7 +18,7 @@ class TrackingConfig:
     enabled: bool = False
     """Track runs in MLflow."""
     uri: str | None = None
-    """MLflow tracking URI; None means an embedded sqlite database in the run directory."""
+    """MLflow tracking URI; None means MLFLOW_TRACKING_URI if set, else sqlite in the run directory."""
     experiment: str = "distill"
     """MLflow experiment name."""
     required: bool = True
