@@ -81,8 +81,9 @@ def _local(plan, out: Path, dry_run: bool, record_jobs) -> int:
 
     lines = ["#!/bin/bash", "set -euo pipefail"]
     for job in plan.jobs:
-        cmds = [" ".join(shlex.quote(a) for a in cmd) for cmd in local.commands(plan, job)]
-        lines += [c + " &" for c in cmds] + ["wait"] if job.kind == "array" else cmds
+        cmds = [" ".join([*(f"{k}={v}" for k, v in extra.items()), *map(shlex.quote, cmd)])
+                for cmd, extra in local.commands(plan, job)]
+        lines += [c + " &" for c in cmds] + ["wait"] if len(cmds) > 1 else cmds
     atomic_write_text(out / "run.sh", "\n".join(lines) + "\n")
     if dry_run:
         print(f"wrote {out / 'run.sh'} (dry run: nothing run)")

@@ -1,13 +1,16 @@
 """Local backend: the same plan as Slurm, with subprocesses on this machine.
 
-Array stages start one process per worker (`--worker I --num-workers N`); training stages run under torchrun
-with `procs_per_node` processes. A stage that exits 75 (preempted after a checkpoint) is rerun, as Slurm's
+Array stages start one process per worker (`--worker I --num-workers N`). Training stages start one process
+per rank with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set, as the Slurm backend's srun
+tasks get them (and as torchrun would, without its agent: torchrun turns a rank's exit status 75 into 1,
+which would hide a preemption). A stage that exits 75 (preempted after a checkpoint) is rerun, as Slurm's
 requeue would, up to `launch.max_requeues` times.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,19 +21,26 @@ from pipeline.config import ConfigError
 from pipeline.preempt import EXIT_PREEMPTED
 
 
-def commands(plan: Plan, job: Job) -> list[list[str]]:
-    """The processes that run one job here: one per array worker, or one torchrun."""
-    python = sys.executable if plan.launch.python == "python" else plan.launch.python
-    base = plan.command(job)
-    base[0] = python
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def commands(plan: Plan, job: Job, port: int = 29500) -> list[tuple[list[str], dict[str, str]]]:
+    """The processes that run one job here, each with its extra environment: one per worker or per rank."""
+    cmd = plan.command(job)
+    if plan.launch.python == "python":
+        cmd[0] = sys.executable
     if job.kind == "array":
-        return [base + ["--worker", str(i), "--num-workers", str(job.workers)] for i in range(job.workers)]
+        return [(cmd + ["--worker", str(i), "--num-workers", str(job.workers)], {}) for i in range(job.workers)]
     if job.kind == "distributed" and job.world_size > 1:
         if job.nodes > 1:
             raise ConfigError(f"launch.nodes={job.nodes} for stage {job.stage!r}: the local backend has one node")
-        return [[python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                 str(job.procs_per_node), *base[1:]]]
-    return [base]
+        n = job.procs_per_node
+        return [(cmd, {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}) for r in range(n)]
+    return [(cmd, {})]
 
 
 def _run_once(plan: Plan, job: Job, attempt: int) -> int:
@@ -38,12 +48,12 @@ def _run_once(plan: Plan, job: Job, attempt: int) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **plan.launch.env}
     procs = []
-    for i, cmd in enumerate(commands(plan, job)):
-        suffix = f"-{i}" if job.kind == "array" else ""
+    for i, (cmd, extra) in enumerate(commands(plan, job, _free_port())):
+        suffix = f"-{i}" if job.kind == "array" else ("" if i == 0 else f"-rank{i}")
         handle = open(logs / f"{job.stage}{suffix}.log", "a")
         handle.write(f"# attempt {attempt}: {' '.join(cmd)}\n")
         handle.flush()
-        procs.append((subprocess.Popen(cmd, cwd=plan.launch.workdir or None, env=env, stdout=handle,
+        procs.append((subprocess.Popen(cmd, cwd=plan.launch.workdir or None, env={**env, **extra}, stdout=handle,
                                        stderr=subprocess.STDOUT), handle))
     codes = []
     for proc, handle in procs:

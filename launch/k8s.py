@@ -1,0 +1,200 @@
+"""Kubernetes backend: manifests built from the official client's typed models, written to the run directory.
+
+- the frozen recipe travels in a ConfigMap mounted at /etc/distill;
+- run directories live on a ReadWriteMany PVC mounted at `launch.mount_path`;
+- array stages are Indexed Jobs (JOB_COMPLETION_INDEX is the worker index);
+- training stages are Kubeflow PyTorchJobs (typed models of the `kubeflow-training` SDK) running torchrun,
+  or, for clusters without the operator, an Indexed Job + headless Service whose pod 0 is the rendezvous;
+- Kubernetes has no job dependencies: a stage's pods start with an init container that waits until its
+  upstream stages' manifest.json files exist on the shared volume;
+- a preempted pod (exit 75 after a checkpoint, or evicted: DisruptionTarget) is retried without counting
+  as a failure, and resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+import yaml
+from kubernetes import client as k8s
+
+from launch.config import time_seconds
+from launch.plan import Job, Plan, dns_name
+from pipeline.manifest import atomic_write_text
+from pipeline.preempt import EXIT_PREEMPTED
+
+RECIPE_MOUNT = "/etc/distill"
+MASTER_PORT = 29500
+
+
+def pod_run_dir(plan: Plan) -> str:
+    """The run directory as the pods see it, on the shared volume."""
+    return plan.launch.k8s_run_dir or f"{plan.launch.mount_path.rstrip('/')}/runs/{plan.run_name}"
+
+
+def _names(plan: Plan, job: Job) -> str:
+    return dns_name("distill", plan.run_name, job.stage, limit=52)  # Job names leave room for pod suffixes
+
+
+def _command(plan: Plan, job: Job) -> list[str]:
+    return plan.command(job, recipe_path=f"{RECIPE_MOUNT}/recipe.yaml", run_dir=pod_run_dir(plan))
+
+
+def _wait_upstream(plan: Plan, job: Job) -> list[k8s.V1Container]:
+    if not job.after:
+        return []
+    checks = " && ".join(f"[ -f {shlex.quote(f'{pod_run_dir(plan)}/{a}/manifest.json')} ]" for a in job.after)
+    return [k8s.V1Container(
+        name="wait-upstream", image=plan.launch.image, command=["sh", "-c", f"until {checks}; do sleep 10; done"],
+        volume_mounts=[k8s.V1VolumeMount(name="runs", mount_path=plan.launch.mount_path)])]
+
+
+def _pod(plan: Plan, job: Job, command: list[str], restart: str = "Never", subdomain: str | None = None):
+    launch = plan.launch
+    cpus = job.cpus_per_task * (job.procs_per_node if job.kind == "distributed" else 1)
+    limits = {"nvidia.com/gpu": str(job.gpus_per_node)} if job.gpus_per_node else None
+    container = k8s.V1Container(
+        name="distill", image=launch.image, command=command,
+        env=[k8s.V1EnvVar(name=k, value=str(v)) for k, v in sorted({"PYTHONUNBUFFERED": "1", **launch.env}.items())],
+        resources=k8s.V1ResourceRequirements(requests={"cpu": str(cpus)}, limits=limits),
+        volume_mounts=[k8s.V1VolumeMount(name="runs", mount_path=launch.mount_path),
+                       k8s.V1VolumeMount(name="recipe", mount_path=RECIPE_MOUNT, read_only=True)])
+    volumes = [k8s.V1Volume(name="runs", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=launch.pvc)),
+               k8s.V1Volume(name="recipe", config_map=k8s.V1ConfigMapVolumeSource(name=configmap_name(plan)))]
+    spec = k8s.V1PodSpec(containers=[container], init_containers=_wait_upstream(plan, job) or None,
+                         volumes=volumes, restart_policy=restart, subdomain=subdomain,
+                         service_account_name=launch.service_account,
+                         termination_grace_period_seconds=launch.signal_seconds)
+    labels = {"app.kubernetes.io/name": "distill", "distill/run": dns_name(plan.run_name), "distill/stage": dns_name(job.stage)}
+    return k8s.V1PodTemplateSpec(metadata=k8s.V1ObjectMeta(labels=labels), spec=spec)
+
+
+def _failure_policy() -> k8s.V1PodFailurePolicy:
+    # Preempted pods are retried without using up backoffLimit: they resume from their checkpoint.
+    return k8s.V1PodFailurePolicy(rules=[
+        k8s.V1PodFailurePolicyRule(action="Ignore", on_exit_codes=k8s.V1PodFailurePolicyOnExitCodesRequirement(
+            container_name="distill", operator="In", values=[EXIT_PREEMPTED])),
+        k8s.V1PodFailurePolicyRule(action="Ignore", on_pod_conditions=[
+            k8s.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]),
+    ])
+
+
+def _job(plan: Plan, job: Job, name: str, template, completions: int) -> k8s.V1Job:
+    spec = k8s.V1JobSpec(template=template, completions=completions, parallelism=completions,
+                         completion_mode="Indexed" if completions > 1 or job.kind != "single" else "NonIndexed",
+                         backoff_limit=2 * completions, pod_failure_policy=_failure_policy(),
+                         active_deadline_seconds=time_seconds(job.time_limit))
+    return k8s.V1Job(api_version="batch/v1", kind="Job", spec=spec,
+                     metadata=k8s.V1ObjectMeta(name=name, namespace=plan.launch.namespace, labels=template.metadata.labels))
+
+
+def _torchrun(plan: Plan, job: Job, extra: list[str]) -> list[str]:
+    command = _command(plan, job)
+    return [command[0], "-m", "torch.distributed.run", "--nnodes", str(job.nodes),
+            "--nproc_per_node", str(job.procs_per_node), *extra, *command[1:]]
+
+
+def training_indexed(plan: Plan, job: Job) -> list:
+    """A training stage as a headless Service + Indexed Job; pod 0 hosts the torchrun rendezvous."""
+    name = _names(plan, job)
+    master = f"{name}-0.{name}.{plan.launch.namespace}.svc"
+    argv = _torchrun(plan, job, ["--node_rank", "$JOB_COMPLETION_INDEX", "--master_addr", master,
+                                 "--master_port", str(MASTER_PORT)])
+    script = "exec " + " ".join(a if a.startswith("$") else shlex.quote(a) for a in argv)
+    template = _pod(plan, job, ["sh", "-c", script], subdomain=name)
+    service = k8s.V1Service(api_version="v1", kind="Service", metadata=k8s.V1ObjectMeta(
+        name=name, namespace=plan.launch.namespace, labels=template.metadata.labels),
+        spec=k8s.V1ServiceSpec(cluster_ip="None", selector={"job-name": name},
+                               ports=[k8s.V1ServicePort(name="rendezvous", port=MASTER_PORT)]))
+    return [service, _job(plan, job, name, template, job.nodes)]
+
+
+def training_pytorchjob(plan: Plan, job: Job):
+    """A training stage as a Kubeflow PyTorchJob; the operator sets PET_* for torchrun's rendezvous."""
+    from kubeflow.training import constants, models
+
+    # OnFailure restarts a preempted (exit 75) container in place; it resumes from its checkpoint.
+    template = _pod(plan, job, _torchrun(plan, job, []), restart="OnFailure")
+    replicas = {"Master": models.KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="OnFailure", template=template)}
+    if job.nodes > 1:
+        replicas["Worker"] = models.KubeflowOrgV1ReplicaSpec(replicas=job.nodes - 1, restart_policy="OnFailure",
+                                                              template=template)
+    spec = models.KubeflowOrgV1PyTorchJobSpec(
+        pytorch_replica_specs=replicas, nproc_per_node=str(job.procs_per_node),
+        run_policy=models.KubeflowOrgV1RunPolicy(backoff_limit=3, clean_pod_policy="None",
+                                                 active_deadline_seconds=time_seconds(job.time_limit)))
+    return models.KubeflowOrgV1PyTorchJob(
+        api_version=constants.API_VERSION, kind=constants.PYTORCHJOB_KIND, spec=spec,
+        metadata=k8s.V1ObjectMeta(name=_names(plan, job), namespace=plan.launch.namespace,
+                                  labels=template.metadata.labels))
+
+
+def configmap_name(plan: Plan) -> str:
+    """Name of the ConfigMap holding the frozen recipe."""
+    return dns_name("distill", plan.run_name, "recipe")
+
+
+def recipe_configmap(recipe, plan: Plan) -> k8s.V1ConfigMap:
+    """The resolved recipe, with the run directory the pods use, as a ConfigMap."""
+    tree = recipe.resolved()
+    tree["run"]["run_dir"] = pod_run_dir(plan)
+    return k8s.V1ConfigMap(api_version="v1", kind="ConfigMap", data={"recipe.yaml": yaml.safe_dump(tree, sort_keys=False)},
+                           metadata=k8s.V1ObjectMeta(name=configmap_name(plan), namespace=plan.launch.namespace))
+
+
+def objects(recipe, plan: Plan) -> dict[str, list]:
+    """Typed objects by file stem: the ConfigMap first, then each stage's Job / Service / PyTorchJob."""
+    out = {"00-recipe": [recipe_configmap(recipe, plan)]}
+    for i, job in enumerate(plan.jobs, start=1):
+        if job.kind == "distributed":
+            objs = [training_pytorchjob(plan, job)] if plan.launch.k8s_training == "pytorchjob" else training_indexed(plan, job)
+        else:
+            command = _command(plan, job) + (["--num-workers", str(job.workers)] if job.kind == "array" else [])
+            objs = [_job(plan, job, _names(plan, job), _pod(plan, job, command), job.workers)]
+        out[f"{i:02d}-{job.stage}"] = objs
+    return out
+
+
+def to_dicts(objs: list) -> list[dict]:
+    """Plain dicts of typed models (camelCase keys, no nulls), as the API server takes them."""
+    return [k8s.ApiClient().sanitize_for_serialization(o) for o in objs]
+
+
+def write(recipe, plan: Plan, out: Path) -> dict[str, Path]:
+    """Write one multi-document YAML file per stage (plus the ConfigMap) into `out`."""
+    files = {}
+    for stem, objs in objects(recipe, plan).items():
+        path = Path(out) / f"{stem}.yaml"
+        atomic_write_text(path, yaml.safe_dump_all(to_dicts(objs), sort_keys=False))
+        files[stem] = path
+    return files
+
+
+def kubeconfig_present() -> bool:
+    """True when the client can reach a cluster: a kubeconfig file or an in-cluster service account."""
+    path = Path(os.environ.get("KUBECONFIG", "~/.kube/config")).expanduser()
+    return path.is_file() or "KUBERNETES_SERVICE_HOST" in os.environ
+
+
+def apply(files: dict[str, Path], namespace: str) -> dict[str, str]:
+    """Create every object with the Kubernetes client; returns the object name per stage."""
+    from kubernetes import config, utils
+    from kubeflow.training import constants
+
+    try:
+        config.load_kube_config()
+    except config.ConfigException:
+        config.load_incluster_config()
+    api = k8s.ApiClient()
+    names = {}
+    for stem, path in files.items():
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc["kind"] == constants.PYTORCHJOB_KIND:
+                k8s.CustomObjectsApi(api).create_namespaced_custom_object(
+                    constants.GROUP, constants.VERSION, namespace, constants.PYTORCHJOB_PLURAL, doc)
+            else:
+                utils.create_from_dict(api, doc, namespace=namespace)
+            names[stem.split("-", 1)[1]] = f"{doc['kind']}/{doc['metadata']['name']}"
+    return names
