@@ -59,9 +59,10 @@ def _projection(student, teacher) -> nn.Module:
 
 def _intermediate_loss(config, student, teacher, proj, batch) -> torch.Tensor:
     mask = batch["attention_mask"]
-    if student.config.num_attention_heads != teacher.config.num_attention_heads:
-        raise ConfigError(f"TinyBERT attention loss needs equal head counts: student "
-                          f"{student.config.num_attention_heads}, teacher {teacher.config.num_attention_heads}")
+    heads = student.config.num_attention_heads
+    if heads > teacher.config.num_attention_heads:
+        raise ConfigError(f"TinyBERT attention loss: the student has more heads ({heads}) than the teacher "
+                          f"({teacher.config.num_attention_heads})")
     mapping = losses.layer_map(config.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     with AttentionCapture(student) as s_cap, AttentionCapture(teacher) as t_cap:
         s_out = student(**batch, output_hidden_states=True)
@@ -73,7 +74,8 @@ def _intermediate_loss(config, student, teacher, proj, batch) -> torch.Tensor:
     for m, g in enumerate(mapping, start=1):
         loss = loss + losses.hidden_mse(proj(s_out.hidden_states[m]), t_out.hidden_states[g], mask)
         if g > 0:
-            loss = loss + losses.attention_mse(s_scores[m - 1], t_scores[g - 1], mask)
+            # A student with fewer heads (cut with keep_heads) learns the teacher heads it was cut from.
+            loss = loss + losses.attention_mse(s_scores[m - 1], t_scores[g - 1][:, :heads], mask)
     return loss
 
 

@@ -1,0 +1,47 @@
+"""Task metrics against values worked out by hand from their definitions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from stages import metrics
+
+
+def test_accuracy_f1_mcc_by_hand():
+    preds, labels = [1, 0, 1, 1], [1, 1, 1, 0]
+    assert metrics.accuracy(preds, labels) == 0.5
+    # TP = 2, FP = 1, FN = 1: F1 = 2*2 / (2*2 + 1 + 1)
+    assert metrics.f1(preds, labels) == pytest.approx(4 / 6)
+    # TN = 0: MCC = (TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) = -1 / 3
+    assert metrics.matthews(preds, labels) == pytest.approx(-1 / 3)
+    # TP = 2, TN = 2, FP = 1, FN = 0: (4 - 0) / sqrt(3 * 2 * 3 * 2)
+    assert metrics.matthews([1, 1, 0, 0, 1], [1, 0, 0, 0, 1]) == pytest.approx(4 / 6)
+    assert metrics.matthews([1, 1, 1], [1, 1, 1]) == 0.0  # a constant side has no correlation
+    assert metrics.f1([0, 0], [0, 0]) == 0.0
+
+
+def test_multiclass_mcc_matches_gorodkin():
+    preds, labels = [0, 1, 2, 2, 1, 0], [0, 1, 2, 1, 1, 2]
+    cm = metrics.confusion_matrix(preds, labels)
+    assert cm.tolist() == [[1, 0, 0], [0, 2, 1], [1, 0, 1]]
+    # c = 4 correct, s = 6; t = row sums (1, 3, 2), p = column sums (2, 2, 2)
+    expected = (4 * 6 - (1 * 2 + 3 * 2 + 2 * 2)) / math.sqrt((36 - 12) * (36 - (1 + 9 + 4)))
+    assert metrics.matthews(preds, labels) == pytest.approx(expected)
+
+
+def test_pearson_and_spearman_with_ties():
+    # mean(x) = 2, mean(y) = 7/3; sum dx*dy = 3, sum dx^2 = 2, sum dy^2 = 42/9
+    assert metrics.pearson([1, 2, 3], [1, 2, 4]) == pytest.approx(3 / math.sqrt(2 * 42 / 9))
+    # ranks of x with the tie averaged: 1, 2.5, 2.5, 4; of y: 1, 3, 2, 4 -> 4.5 / sqrt(4.5 * 5)
+    assert metrics.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert metrics.pearson([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+def test_compute_averages_named_metrics():
+    out = metrics.compute(["accuracy", "f1"], np.array([1, 0, 1, 1]), np.array([1, 1, 1, 0]))
+    assert out["score"] == pytest.approx((0.5 + 4 / 6) / 2)
+    cm = metrics.confusion_matrix([1, 1], [0, 1], classes=range(3))
+    assert cm.shape == (3, 3) and cm[0, 1] == 1 and cm[1, 1] == 1
