@@ -88,13 +88,13 @@ def system_tags() -> dict[str, str]:
 
     tags = {"distill.host": socket.gethostname(), "distill.python": platform.python_version(),
             "distill.platform": platform.platform(), "distill.mlflow": mlflow.__version__}
-    try:
-        import torch
+    from importlib.metadata import PackageNotFoundError, version
 
-        tags["distill.torch"] = torch.__version__
-        tags["distill.cuda"] = str(torch.cuda.is_available())
-    except ImportError:
-        pass
+    for package in ("torch", "transformers", "deepspeed"):
+        try:  # the installed version, without paying for importing it in stages that do not use it
+            tags[f"distill.{package}"] = version(package)
+        except PackageNotFoundError:
+            pass
     return tags
 
 

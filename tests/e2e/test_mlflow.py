@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from pipeline import registry
 from pipeline.cli import main as distill
 from pipeline.config import ConfigError
-from pipeline.lineage import read_run_id
+from pipeline.lineage import read_run_id, resolve_mlflow_uri
 from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
 from tests.conftest import run_cli
@@ -83,6 +83,8 @@ def test_runs_lineage_plots_registry_and_resolution(tmp_path, capsys):
     assert champion.tags["distill.lineage"] == "toy(toy_model)"
     assert json.loads(champion.tags["distill.metrics"]) == {"dev_acc": 0.9, "teacher_dev_acc": 0.92}
     assert "0.97*teacher=0.8924" in champion.tags["distill.promotion"]
+    by_number = resolve_mlflow_uri("models:/toy-student/1", load_recipe(recipe).tracking, run_dir)
+    assert (by_number / "model" / "model.safetensors").is_file() and read_run_id(by_number) == toy.info.run_id
 
     # Another run in the same store reads the outputs back through runs:/ and models:/...@alias; a stricter
     # gate registers version 2 but refuses to move the alias, saying why.
