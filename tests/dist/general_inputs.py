@@ -105,17 +105,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_torchrun(recipe: Path, run_dir: Path, *overrides: str, ranks: int = 2) -> subprocess.CompletedProcess:
-    """The same command under `torchrun --nproc_per_node ranks` (gloo on CPU)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-           str(_free_port()), "-m", "pipeline.cli", "run", str(recipe), "--run-dir", str(run_dir),
-           "--stages", "general", *_sets(overrides)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
 def student_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The exported student's tensors."""
     from safetensors.torch import load_file
 
     return load_file(str(run_dir / "general" / "model" / "model.safetensors"))
+
+
+def variants_recipe(recipe: Path, variants: dict[str, dict]) -> Path:
+    """A recipe beside `recipe` with extra `general` stages named after `variants`, each the base `general`
+    section updated with its values, so one torchrun (one interpreter start per rank) runs them all."""
+    import yaml
+
+    tree = yaml.safe_load(recipe.read_text())
+    base = tree["stages"]["general"]
+    for name, values in variants.items():
+        tree["stages"][name] = {"stage": "general", **base, **values}
+    path = recipe.with_name("variants.yaml")
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def run_torchrun_stages(recipe: Path, run_dir: Path, stages: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node ranks -m pipeline.cli run RECIPE --stages ...` (gloo on CPU)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+           str(_free_port()), "-m", "pipeline.cli", "run", str(recipe), "--run-dir", str(run_dir),
+           "--stages", ",".join(stages)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
