@@ -136,3 +136,44 @@ def test_reader_checks_hashes(shard_dir, tmp_path):
     target.write_bytes(shard_paths(copy)[0].read_bytes())  # well formed, but not what the manifest lists
     with pytest.raises(ManifestError, match=rf"{target.name}: missing or does not match"):
         list(CorpusReader(copy, shuffle=False))
+
+
+def test_verify_hook_decodes_shards_and_checks_the_tokenizer(shard_dir, tmp_path):
+    import json
+    import shutil
+
+    from pipeline.inspect import verify_path
+    from pipeline.manifest import sha256_file
+    from stages.shard_io import write_shard
+
+    copy = tmp_path / "shard"
+    shutil.copytree(shard_dir, copy)
+    assert verify_path(copy)[0].endswith("files ok")
+    # A well-formed tar whose first sample lacks [CLS], with the manifest re-hashed to match: only decoding sees it.
+    target = shard_paths(copy)[0]
+    samples = [(s.input_ids, s.token_type_ids) for s in read_shard(target)]
+    samples[0] = (samples[0][0][1:], samples[0][1][1:])
+    write_shard(target, "train-000000", samples)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for out in manifest["outputs"]:
+        if out["path"] == target.name:
+            out.update(sha256=sha256_file(target), bytes=target.stat().st_size)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="train-000000-000000 is malformed"):
+        verify_path(copy)
+    (copy / "tokenizer" / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ManifestError, match="tokenizer missing or altered"):
+        load_tokenizer(copy)
+
+
+def test_zstd_and_gzip_inputs(tmp_path):
+    import gzip as gz
+
+    import zstandard
+
+    from stages.text_sources import documents, expand_inputs
+
+    (tmp_path / "a.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(b"zst line one\nzst line two\n"))
+    with gz.open(tmp_path / "b.txt.gz", "wt") as handle:
+        handle.write("gz line\n")
+    assert [d.text for d in documents(expand_inputs([str(tmp_path / "*")]))] == ["zst line one", "zst line two", "gz line"]
