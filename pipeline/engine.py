@@ -88,8 +88,8 @@ def deepspeed_json(settings: EngineSettings, world_size: int) -> dict[str, Any]:
         ("bf16", "enabled"): settings.precision == "bf16",
         ("zero_optimization", "stage"): settings.zero_stage,
     }
-    if settings.offload_optimizer:
-        ours[("zero_optimization", "offload_optimizer", "device")] = "cpu"
+    if settings.offload_optimizer or "offload_optimizer" in user.get("zero_optimization", {}):
+        ours[("zero_optimization", "offload_optimizer", "device")] = "cpu" if settings.offload_optimizer else "none"
     merged = json.loads(json.dumps(user))
     for keys, value in ours.items():
         node = merged

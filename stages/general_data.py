@@ -149,7 +149,7 @@ def evaluate(config, ctx, engine, setup: Setup, micro: int) -> dict[str, float]:
     batches = min(config.eval_batches, max(1, stream.num_samples // (micro * ctx.world.world_size)))
     trainee = engine.module
     trainee.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # masked, loss sum, correct, agree, teacher KL sum
+    sums = torch.zeros(6, dtype=torch.float64)  # masked, loss sum, correct, agree, teacher KL sum, teacher correct
     for _ in range(batches):
         batch = stream.next_batch()
         logits, _ = engine.forward(**trainee.inputs(batch))
@@ -159,12 +159,14 @@ def evaluate(config, ctx, engine, setup: Setup, micro: int) -> dict[str, float]:
         sums += torch.tensor([
             len(batch["labels"]), -logp.gather(-1, batch["labels"][:, None]).sum().item(),
             (logits.argmax(-1) == batch["labels"]).sum().item(), (logits.argmax(-1) == t_logits.argmax(-1)).sum().item(),
-            (t_logp.exp() * (t_logp - logp)).sum().item()], dtype=torch.float64)
+            (t_logp.exp() * (t_logp - logp)).sum().item(), (t_logits.argmax(-1) == batch["labels"]).sum().item()],
+            dtype=torch.float64)
     trainee.train()
     sums = dist.all_reduce_sum(sums)
     n = max(sums[0].item(), 1.0)
     return {"eval/mlm_loss": sums[1].item() / n, "eval/mlm_accuracy": sums[2].item() / n,
             "eval/teacher_top1_agreement": sums[3].item() / n, "eval/teacher_kl": sums[4].item() / n,
+            "eval/teacher_mlm_accuracy": sums[5].item() / n,
             "eval/masked_tokens": int(sums[0].item())}
 
 

@@ -76,11 +76,13 @@ class LossPlan:
     def check(cls, config, trainee: Trainee, teacher: nn.Module, *, online: bool) -> "LossPlan":
         """Refuse pairings the losses cannot handle (ConfigError), before any step."""
         weights, s_cfg, t_cfg = config.loss, trainee.student.config, teacher.config
-        try:
-            layers = L.layer_map(config.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers,
-                                 config.layer_map_layers)
-        except ValueError as err:
-            raise ConfigError(f"layer_map: {err}") from None
+        layers: list[int] = []
+        if weights.hidden or weights.attention:  # only these losses pair layers
+            try:
+                layers = L.layer_map(config.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers,
+                                     config.layer_map_layers)
+            except ValueError as err:
+                raise ConfigError(f"layer_map: {err}") from None
         widths_differ = s_cfg.hidden_size != t_cfg.hidden_size
         for name in ("hidden", "embedding", "cosine"):
             if getattr(weights, name) and widths_differ and trainee.proj_hidden is None:

@@ -52,6 +52,17 @@ def test_deepspeed_json_conflicts_are_config_errors(tmp_path, content, key):
     assert str(user) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_shipped_deepspeed_configs_merge(repo):
+    paths = sorted((repo / "configs" / "deepspeed").glob("*.json"))
+    assert paths
+    for path in paths:
+        for offload in (False, True):
+            cfg = deepspeed_json(EngineSettings(zero_stage=2, deepspeed_config=str(path), offload_optimizer=offload), 2)
+            assert "auto" not in json.dumps(cfg), path
+    offloaded = deepspeed_json(EngineSettings(zero_stage=2, offload_optimizer=True), 1)
+    assert offloaded["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+
+
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.2), torch.nn.Tanh(), torch.nn.Linear(16, 1))
