@@ -1,0 +1,56 @@
+"""SIGKILL each stage at a seed-chosen point, rerun the same command, compare with the uninterrupted run.
+
+Data stages (shard, cache) must come back byte-identical (the manifests' output lists, sha256 included);
+training stages (general, task) must end with bit-identical weights. Upstream stages are copied from the
+reference, so each test kills one stage only.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures.faults import (
+    KillPoint, assert_same_tensors, copy_stages, fault_seeds, manifest_outputs, model_tensors, run_and_kill,
+    spawn_cli,
+)
+
+# stage -> (upstream stages, files whose count picks the kill point, longest extra delay in seconds)
+KILL_PLANS = {
+    "shard": ([], "*.tar", 0.05),
+    "cache": (["shard"], "tiny/*.cache", 0.2),
+    "general": (["shard", "cache"], "checkpoints/step-*", 1.0),
+    "task": (["shard", "cache", "general"], "ckpt/step-*", 1.0),
+}
+
+
+def _model_files(stage_dir) -> list[dict]:
+    return [o for o in manifest_outputs(stage_dir) if o["path"].startswith("model/")]
+
+
+def _files(stage_dir, pattern) -> int:
+    return len(list(stage_dir.glob(pattern)))
+
+
+@pytest.mark.parametrize("seed", fault_seeds())
+@pytest.mark.parametrize("stage", list(KILL_PLANS))
+def test_kill_9_then_rerun_matches_uninterrupted(pipeline_run, tmp_path, stage, seed):
+    recipe, reference = pipeline_run
+    upstream, pattern, max_delay = KILL_PLANS[stage]
+    run_dir = copy_stages(reference, tmp_path / "run", upstream)
+    stage_dir = run_dir / stage
+    # Leave at least two of the files still to come, so the kill lands before the stage can finish.
+    point = KillPoint.pick(seed, stage, pattern, _files(reference / stage, pattern) - 1, max_delay)
+    args = ["run", str(recipe), "--run-dir", str(run_dir), "--stages", stage]
+    killed, err = run_and_kill(args, stage_dir, point)
+    assert killed, f"{point}: the stage finished before the kill; stderr:\n{err[-2000:]}"
+    assert not (stage_dir / "manifest.json").exists(), "a killed stage left a manifest claiming completion"
+
+    rerun = spawn_cli(*args)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, f"rerun after {point} failed:\n{err[-3000:]}"
+    if stage in ("shard", "cache"):
+        assert manifest_outputs(stage_dir) == manifest_outputs(reference / stage), f"outputs differ after {point}"
+    else:  # the task report holds measured latencies; the weights and model files must match exactly
+        assert_same_tensors(model_tensors(reference / stage / "model"), model_tensors(stage_dir / "model"))
+        assert _model_files(stage_dir) == _model_files(reference / stage), f"model files differ after {point}"
+    assert not list(stage_dir.rglob(".tmp-*")), "temporary files of the killed attempt were left behind"
