@@ -3,7 +3,8 @@
 Layout of `<stage_dir>/checkpoints/step-N/`:
   engine/             the engine's files (torch: safetensors + optimizer tensors; DeepSpeed: its ZeRO partitions)
   state-rank{r}.json  per rank: trainer state (reader cursor, epoch, step) and every RNG state
-  meta.json           written last by rank 0 after a barrier: a folder without it is incomplete and ignored
+  meta.json           written last by rank 0 after a barrier, with a sha256 per file (checked on load): a
+                      folder without it is incomplete and ignored
 
 Everything is JSON, safetensors or weights-only tensors: nothing on a load path unpickles. The trainer state
 must not depend on the world size (the reader's state_dict is global), so a run stopped on 2 ranks resumes on
@@ -25,7 +26,7 @@ import torch
 
 from pipeline import dist, log
 from pipeline.config import ConfigError
-from pipeline.manifest import ManifestError, atomic_write_text
+from pipeline.manifest import ManifestError, atomic_write_text, sha256_file
 from pipeline.world import World
 
 META = "meta.json"
@@ -78,6 +79,24 @@ def steps(root: Path) -> list[tuple[int, Path, bool]]:
     return sorted(found)
 
 
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file in a checkpoint folder (meta.json aside), by relative path."""
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != META}
+
+
+def verify_files(folder: Path, hashes: dict[str, str] | None) -> None:
+    """ManifestError naming the first file of `folder` that is missing or differs from `hashes` (from meta.json).
+
+    A flipped byte in a safetensors or optimizer file would otherwise load silently and train on garbage.
+    """
+    for rel, digest in (hashes or {}).items():
+        path = folder / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            raise ManifestError(f"{path}: checkpoint file missing or altered (sha256 differs from {META}); delete "
+                                f"{folder} to resume from the previous checkpoint, or set resume: none")
+
+
 def latest(root: Path) -> Path | None:
     """The newest complete checkpoint under `root`, or None."""
     complete = [path for _, path, done in steps(root) if done]
@@ -101,7 +120,7 @@ def save(root: Path, step: int, engine, state: dict[str, Any], world: World, *, 
     if world.rank == 0:
         settings = engine.settings
         record = {"step": step, "world_size": world.world_size, "backend": settings.backend,
-                  "zero_stage": settings.zero_stage, **(meta or {})}
+                  "zero_stage": settings.zero_stage, "files": file_hashes(folder), **(meta or {})}
         atomic_write_text(folder / META, json.dumps(record, indent=2, sort_keys=True) + "\n")
         prune(Path(root), keep_last)
     dist.barrier()
@@ -144,7 +163,8 @@ def load(folder: Path, engine, world: World) -> dict[str, Any]:
     On a different world size a rank without its own file takes rank 0's state: the reader cursor is global,
     and dropout streams cannot match across world sizes anyway.
     """
-    check_compatible(folder, engine, world)
+    meta = check_compatible(folder, engine, world)
+    verify_files(folder, meta.get("files"))
     engine.load(folder / "engine")
     own = folder / f"state-rank{world.rank}.json"
     path = own if own.is_file() else folder / "state-rank0.json"
