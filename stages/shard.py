@@ -10,6 +10,7 @@ number of documents, so their sample counts differ slightly (each is recorded in
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import time
@@ -41,6 +42,10 @@ class Config:
 
     inputs: list[str]
     """Files, globs or directories (.txt/.jsonl/.parquet/.arrow, optionally .gz/.zst, or a saved `datasets` folder)."""
+    source: str | None = field(default=None, metadata={"input": True})
+    """An upstream stage (e.g. "@wordnet") whose output folder `inputs` are relative to; None: paths as given."""
+    max_docs: int | None = None
+    """Keep only the first this many documents after cleaning (a deterministic prefix); None keeps all."""
     text_field: str = "text"
     """JSONL field or `datasets` column holding the text."""
     doc_separator: str | None = None
@@ -77,6 +82,8 @@ class Config:
             raise ValueError("give exactly one of tokenizer (a path) or train_tokenizer (settings)")
         if not 8 <= self.max_seq_len <= 65536:
             raise ValueError(f"max_seq_len must be in [8, 65536], got {self.max_seq_len}")
+        if self.max_docs is not None and self.max_docs < 1:
+            raise ValueError(f"max_docs must be >= 1 or null, got {self.max_docs}")
         if self.docs_per_shard < 1:
             raise ValueError(f"docs_per_shard must be >= 1, got {self.docs_per_shard}")
         if not 0.0 <= self.valid_fraction < 1.0:
@@ -86,9 +93,18 @@ class Config:
 
 
 def _documents(config: Config, files: list[Path], stats: CleaningStats | None = None):
-    return documents(files, text_field=config.text_field, separator=config.doc_separator,
+    docs = documents(files, text_field=config.text_field, separator=config.doc_separator,
                      normalize=config.normalize, max_doc_chars=config.max_doc_chars, dedup=config.dedup,
                      valid_fraction=config.valid_fraction, stats=stats)
+    return itertools.islice(docs, config.max_docs)
+
+
+def _input_files(config: Config, ctx) -> list[Path]:
+    """The input files, relative to the upstream `source` stage's folder when one is given."""
+    if config.source is None:
+        return expand_inputs(config.inputs)
+    base = ctx.input_dir("source")
+    return expand_inputs([str(base / pattern) for pattern in config.inputs])
 
 
 def _wait_for(path: Path, timeout_s: float) -> None:
@@ -175,7 +191,7 @@ def _write_block(config: Config, ctx, backend, ids: dict, split: str, index: int
 
 def run(config: Config, ctx):
     """Write this worker's shards; return the manifest if every shard of the stage is now complete."""
-    files = expand_inputs(config.inputs)
+    files = _input_files(config, ctx)
     tokenizer = prepare_tokenizer(config, ctx, files)
     ids = special_ids(tokenizer)
     backend = _backend(tokenizer)

