@@ -36,11 +36,22 @@ def tracking_uri(config: TrackingConfig | None, run_dir: Path) -> str:
     return given or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
+_SET_HERE: set[str] = set()
+"""MLflow HTTP settings this process chose (a user's own environment values are left alone)."""
+
+
 def bound_retries(timeout_s: float) -> None:
-    """Keep MLflow's HTTP client from retrying for minutes (its defaults: 7 retries, 120 s each)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(timeout_s))))
+    """Keep MLflow's HTTP client from retrying for minutes (its defaults: 7 retries, 120 s each).
+
+    Reaching the server at all is bounded by `timeout_s` through `reachable`; once it answered, a request
+    may take longer (a model upload on a busy server), so each gets max(30 s, 3 x timeout_s) and 2 retries.
+    """
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(30, math.ceil(3 * timeout_s)))}
+    for key, value in wanted.items():
+        if key not in os.environ or key in _SET_HERE:
+            os.environ[key] = value
+            _SET_HERE.add(key)
 
 
 def reachable(uri: str, timeout_s: float) -> bool:

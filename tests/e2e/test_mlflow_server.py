@@ -90,3 +90,19 @@ def test_dead_server_buffers_then_replays(tmp_path, server, capsys):
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == read_run_id(tmp_path / "run")
     assert [m.step for m in client.get_metric_history(stage_id, "loss_kd")] == [0, 1, 2]
     assert "model/model.safetensors" in artifact_paths(client, stage_id)
+
+
+def test_next_run_replays_the_journal_first(tmp_path, server):
+    stages = {"numbers": {"count": 2}, "total": {"numbers": "@numbers"}}
+    offline = write_recipe(tmp_path / "off.yaml", stages, uri=f"http://127.0.0.1:{free_port()}", timeout_s=1,
+                           required=False)
+    run_recipe(load_recipe(offline), tmp_path / "run")
+    assert (tmp_path / "run" / BUFFER).is_file() and read_run_id(tmp_path / "run" / "numbers") is None
+    online = write_recipe(tmp_path / "on.yaml", stages, uri=server)
+    run_recipe(load_recipe(online), tmp_path / "run")  # both stages are done: only the replay talks to MLflow
+    assert not (tmp_path / "run" / BUFFER).exists()
+    client = MlflowClient(server)
+    total = client.get_run(read_run_id(tmp_path / "run" / "total"))
+    assert total.data.metrics["total"] == 1 and total.info.status == "FINISHED"
+    assert total.data.tags["distill.input.numbers.run_id"] == read_run_id(tmp_path / "run" / "numbers")
+    assert total.data.tags["mlflow.parentRunId"] == read_run_id(tmp_path / "run")
