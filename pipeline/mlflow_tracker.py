@@ -138,20 +138,24 @@ class MlflowTracker(NullTracker):
         self.stage_dir: Path | None = None
         self._warned = False
         bound_retries(config.timeout_s)
-        if not reachable(self.uri, config.timeout_s):
-            if config.required:
-                raise ConfigError(
-                    f"tracking.uri {self.uri}: no answer within {config.timeout_s:g} s; start the server, fix "
-                    "tracking.uri, or set tracking.required: false to buffer metrics and replay them later")
-            self.buffer = self.run_dir / BUFFER
-            log.warn(f"tracking server {self.uri} unreachable: buffering to {self.buffer} (replayed at the next "
-                     f"start, or run `distill track replay {self.run_dir}`)")
-            return
-        from mlflow import MlflowClient
+        problem = None if reachable(self.uri, config.timeout_s) else f"no answer within {config.timeout_s:g} s"
+        if problem is None:
+            try:
+                from mlflow import MlflowClient
 
-        prepare_sqlite(self.uri)
-        self.client = MlflowClient(self.uri)
-        self.experiment_id = self._experiment()
+                prepare_sqlite(self.uri)
+                self.client = MlflowClient(self.uri)
+                self.experiment_id = self._experiment()
+            except Exception as err:  # noqa: BLE001 - a bad store (auth, permissions) reads like a dead one
+                problem, self.client = str(err).splitlines()[0][:300], None
+        if problem is None:
+            return
+        if config.required:
+            raise ConfigError(f"tracking.uri {self.uri}: {problem}; start the server, fix tracking.uri, or set "
+                              "tracking.required: false to buffer metrics and replay them later")
+        self.buffer = self.run_dir / BUFFER
+        log.warn(f"tracking store {self.uri}: {problem}; buffering to {self.buffer} (replayed at the next start, "
+                 f"or run `distill track replay {self.run_dir}`)")
 
     def _experiment(self) -> str:
         found = self.client.get_experiment_by_name(self.config.experiment)
