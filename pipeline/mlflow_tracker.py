@@ -22,9 +22,11 @@ from typing import Any
 
 from pipeline import log
 from pipeline.config import ConfigError
-from pipeline.lineage import RUN_ID_FILE, input_tags, lineage_chain, read_run_id
+from pipeline.lineage import RUN_ID_FILE, input_tags, lineage_chain, read_run_id, resolve_mlflow_uri
 from pipeline.manifest import MANIFEST, Manifest, atomic_write_text, manifest_sha256
 from pipeline.tracking import NullTracker, TrackingConfig
+
+__all__ = ["BUFFER", "MlflowTracker", "resolve_mlflow_uri", "tracking_uri"]  # pipeline.refs imports the resolver here
 
 BUFFER = "mlflow_buffer.jsonl"
 """Journal of tracker calls made while the server was unreachable."""
@@ -372,6 +374,3 @@ class MlflowTracker(NullTracker):
         run_id = self.stage_run or self.parent
         if run_id:
             self._guard("set_tags", lambda: [self.client.set_tag(run_id, k, str(v)) for k, v in tags.items()])
-
-
-from pipeline.lineage import resolve_mlflow_uri  # noqa: E402,F401 - the framework imports it from here
