@@ -60,23 +60,22 @@ def teacher_student_pairs(metrics: dict[str, Any]) -> dict[str, tuple[float, flo
 
 
 def teacher_vs_student(metrics: dict[str, Any], path: Path) -> Path | None:
-    """Side-by-side bars of teacher and student for each shared metric; None when there are none."""
+    """One small panel per shared metric (own scale: accuracy beside parameter counts), teacher and student bars."""
     pairs = teacher_student_pairs(metrics)
     if not pairs:
         return None
     plt = _pyplot()
     names = sorted(pairs)
-    xs = range(len(names))
-    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(names)), 4), dpi=100)
-    ax.bar([x - 0.2 for x in xs], [pairs[n][0] for n in names], width=0.4, label="teacher")
-    ax.bar([x + 0.2 for x in xs], [pairs[n][1] for n in names], width=0.4, label="student")
-    for x, name in zip(xs, names):
+    fig, axes = plt.subplots(1, len(names), figsize=(max(4, 2.2 * len(names)), 3.6), dpi=100, squeeze=False)
+    for ax, name in zip(axes[0], names):
         teacher, student = pairs[name]
+        ax.bar([0, 1], [teacher, student], color=["tab:gray", "tab:blue"])
+        ax.set_xticks([0, 1], ["teacher", "student"])
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=8)
         if teacher:
-            ax.annotate(f"{100 * student / teacher:.1f}%", (x + 0.2, student), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), names)
-    ax.set_title("teacher vs student (student as % of teacher)")
-    ax.legend(fontsize=8)
+            ax.annotate(f"{100 * student / teacher:.1f}%", (1, student), ha="center", va="bottom", fontsize=8)
+    fig.suptitle("teacher vs student (student as % of teacher)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
