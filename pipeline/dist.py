@@ -7,8 +7,6 @@ collectives below, which return their input unchanged when there is one process.
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import torch
 import torch.distributed as dist
 
@@ -65,17 +63,8 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank `src`'s Python object on every rank (JSON-like data only: it travels pickled between live ranks)."""
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def shutdown() -> None:
     """Leave the process group at the end of a stage so the next stage (or test) can make its own."""
     if dist.is_initialized():
-        dist.barrier() if active() else None
+        barrier()
         dist.destroy_process_group()

@@ -209,7 +209,10 @@ def run(config: Config, ctx):
     if last is not None:
         stream.load_state_dict(checkpoint.load(last, engine, world)["reader"])
     preempt.install()
-    history = _train(config, ctx, engine, stream, setup, losses, ckpt_root)
+    try:
+        history = _train(config, ctx, engine, stream, setup, losses, ckpt_root)
+    finally:
+        preempt.uninstall()  # restore the handlers and clear the flag for whatever runs next in this process
     final = data.evaluate(config, ctx, engine, setup, settings.micro_batch_size)
     return gm.export(config, ctx, engine, setup, {**history, **final}, losses.layer_map)
 
