@@ -29,7 +29,8 @@ echo "distill: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_J
 # Slurm signals this shell (--signal=B:USR1@N, or `scancel --batch --signal=USR1`); pass it on to srun,
 # which forwards it to every rank. The ranks checkpoint at the next step and exit {preempted}.
 signalled=0
-forward() {{ signalled=1; kill -USR1 "$step" 2>/dev/null; }}
+preempting=0
+forward() {{ signalled=1; preempting=1; kill -USR1 "$step" 2>/dev/null; }}
 trap forward USR1 TERM
 
 srun bash -c {wrapper} distill-rank \\
@@ -38,8 +39,10 @@ step=$!
 # `wait` returns early (status > 128) when a trapped signal arrives: wait again for the real status.
 while :; do signalled=0; wait "$step"; status=$?; [ "$signalled" = 1 ] && [ "$status" -gt 128 ] || break; done
 
-if [ "$status" -eq {preempted} ]; then
-    echo "distill: preempted after a checkpoint; requeueing job $SLURM_JOB_ID"
+# 75: the ranks checkpointed on the signal. Any other failure after a preemption signal (a rank still starting
+# up, before its handler was installed) is requeued too: it resumes from the last regular checkpoint.
+if [ "$status" -eq {preempted} ] || {{ [ "$preempting" = 1 ] && [ "$status" -ne 0 ]; }}; then
+    echo "distill: preempted (exit $status); requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi

@@ -52,7 +52,7 @@ def test_chained_jobs_survive_preemption_and_match_local_run(slurm_cluster, loca
     assert sorted(p.name for p in logs.glob("items-*.out")) == [f"items-{ids['items']}_{i}.out" for i in (0, 1)]
     assert "Restarts=1" in _scontrol(slurm_cluster, ids["train"])
     log = (logs / f"train-{ids['train']}.out").read_text()
-    assert "requeueing job" in log and "restart 1" in log, log
+    assert "preempted (exit 75); requeueing job" in log and "restart 1" in log, log
     stopped = int(log.split("preempted at step ")[1].split(",")[0])
     assert 0 < stopped < 200 and f"resumed from checkpoint at step {stopped}" in log
     train = json.loads((run_dir / "train" / "manifest.json").read_text())

@@ -131,7 +131,7 @@ def test_slurm_training_script(recipe, tmp_path):
     assert {"--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--signal=B:USR1@300", "--requeue"} <= set(lines)
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     assert "RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID" in script
-    assert "trap forward USR1 TERM" in script and 'if [ "$status" -eq 75 ]' in script
+    assert "trap forward USR1 TERM" in script and 'if [ "$status" -eq 75 ] || ' in script
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
@@ -185,3 +185,14 @@ def test_submit_dry_run_cli(tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "launch" / "recipe.yaml").read_text())["stages"]["train"]["steps"] == 5
     bad = submit("submit", str(tmp_path / "recipe.yaml"), "--backend", "slurm", "--dry-run", "--set", "launch.nodes=-1")
     assert bad.returncode == 2 and "launch: nodes must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_local_failed_rank_stops_the_others():
+    import sys
+    import time
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    failing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    start = time.monotonic()
+    codes = local._wait_all([sleeper, failing])
+    assert codes[1] == 3 and codes[0] != 0 and time.monotonic() - start < 120
