@@ -27,6 +27,7 @@ STAGES: dict[str, str] = {
     "augment": "stages.augment",
     "task": "stages.task",
     "register": "stages.register",
+    "report": "stages.report",
 }
 """Every stage type the pipeline knows, by the name recipes use."""
 
