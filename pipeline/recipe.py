@@ -34,8 +34,26 @@ class StageEntry:
     config: Any
 
     def input_fields(self) -> list[str]:
-        """Config fields that name upstream outputs (`metadata={"input": True}`)."""
-        return [f.name for f in dataclasses.fields(self.config) if f.metadata.get("input")]
+        """Config fields that name upstream outputs (`metadata={"input": True}`), nested ones as `a.b`."""
+
+        def walk(node: Any, prefix: str) -> list[str]:
+            names = []
+            for f in dataclasses.fields(node):
+                value = getattr(node, f.name)
+                if f.metadata.get("input"):
+                    names.append(prefix + f.name)
+                elif dataclasses.is_dataclass(value):
+                    names += walk(value, f"{prefix}{f.name}.")
+            return names
+
+        return walk(self.config, "")
+
+    def input_ref(self, dotted: str) -> Any:
+        """The value of input field `dotted` (e.g. `data.source`)."""
+        node = self.config
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
 
 
 @dataclass(kw_only=True)

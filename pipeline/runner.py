@@ -36,7 +36,7 @@ def resolve_inputs(entry: StageEntry, run_dir: Path, recipe: Recipe) -> dict[str
     """Resolve each input field of a stage to a finished upstream output."""
     resolved = {}
     for name in entry.input_fields():
-        ref = getattr(entry.config, name)
+        ref = entry.input_ref(name)
         if ref in (None, ""):
             continue
         try:

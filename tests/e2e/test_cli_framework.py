@@ -108,3 +108,13 @@ def test_errors_are_one_line_exit_2(tmp_path, body, expect):
     assert out.returncode == 2
     assert expect in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_nested_input_field_is_resolved_and_pinned(tmp_path):
+    recipe = tmp_path / "nested.yaml"
+    recipe.write_text("stages:\n  numbers: {count: 2}\n  nested: {data: {source: '@numbers'}}\n")
+    out = run_cli("run", str(recipe), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads((tmp_path / "run" / "nested" / "manifest.json").read_text())
+    assert manifest["metrics"]["count"] == 2
+    assert manifest["inputs"][0]["name"] == "data.source" and manifest["inputs"][0]["ref"] == "@numbers"
