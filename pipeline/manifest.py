@@ -147,7 +147,7 @@ class Manifest:
             data["inputs"] = [InputRef(**i) for i in data.get("inputs", [])]
             data["outputs"] = [OutputFile(**o) for o in data.get("outputs", [])]
             return cls(**data)
-        except (json.JSONDecodeError, TypeError, KeyError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as err:  # a flipped byte, a cut
             raise ManifestError(f"{path}: corrupt manifest ({err}); rerun the stage with --force") from None
 
     def verify(self, stage_dir: Path) -> None:

@@ -221,14 +221,16 @@ def check_provenance(cache_manifest, corpus_manifest, *, tokenizer_sha256: str |
     prov = cache.extra.get("provenance")
     if cache.stage != "cache" or not isinstance(prov, dict):
         raise ConfigError(f"cache {cache.name!r}: not a teacher-cache manifest (stage {cache.stage!r}); point at a cache stage")
-    if prov.get("corpus_manifest_sha256") != corpus_sha:
-        raise ConfigError(f"cache {cache.name!r} was built from another corpus than {corpus.name!r} "
-                          "(corpus manifest hash differs); rebuild the cache on this corpus")
+    # The tokenizer first: a corpus re-sharded with another tokenizer also has another manifest hash, and
+    # "another tokenizer" is the more useful of the two messages.
     corpus_tok = corpus.extra.get("tokenizer_sha256")
     for label, want in (("the corpus", corpus_tok), ("the given tokenizer", tokenizer_sha256)):
         if want is not None and prov.get("tokenizer_sha256") != want:
             raise ConfigError(f"cache {cache.name!r} used tokenizer {str(prov.get('tokenizer_sha256'))[:12]}, "
                               f"{label} has {want[:12]}; rebuild the cache with the same tokenizer")
+    if prov.get("corpus_manifest_sha256") != corpus_sha:
+        raise ConfigError(f"cache {cache.name!r} was built from another corpus than {corpus.name!r} "
+                          "(corpus manifest hash differs); rebuild the cache on this corpus")
     if teacher_id is not None and prov.get("teacher_id") != teacher_id:
         raise ConfigError(f"cache {cache.name!r} holds teacher {prov.get('teacher_id')!r}, not {teacher_id!r}; "
                           "point at the cache of that teacher")
@@ -265,6 +267,8 @@ class CachedCorpus:
             for key in read_header(self.cache_dir / rel)["keys"]:
                 self._where[key] = self.cache_dir / rel
         self._loaded: dict[Path, dict[str, CacheRecord]] = {}
+        self._hashes = {out.path: out.sha256 for out in self.manifest.outputs}
+        self._verified: set[Path] = set()
 
     def record(self, key: str) -> CacheRecord:
         """The cache record of one sample key (ManifestError when the cache lacks it)."""
@@ -272,10 +276,22 @@ class CachedCorpus:
         if path is None:
             raise ManifestError(f"{self.cache_dir}: no cache record for sample {key!r} (cache and corpus differ)")
         if path not in self._loaded:
+            self._check(path)
             if len(self._loaded) >= 4:  # a shuffle buffer spans few shards; keep the recent ones decoded
                 self._loaded.pop(next(iter(self._loaded)))
             self._loaded[path] = {r.key: r for r in read_cache_shard(path)}
         return self._loaded[path][key]
+
+    def _check(self, path: Path) -> None:
+        """Re-hash a shard against the cache manifest once before trusting it: a flipped byte may still decode."""
+        if path in self._verified:
+            return
+        from pipeline.manifest import sha256_file
+
+        if sha256_file(path) != self._hashes.get(path.relative_to(self.cache_dir).as_posix()):
+            raise ManifestError(f"{path}: does not match its sha256 in the cache manifest (altered or corrupt); "
+                                "rerun the cache stage with --force")
+        self._verified.add(path)
 
     def __iter__(self) -> Iterator[tuple]:
         for sample in self.reader:
