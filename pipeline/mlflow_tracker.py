@@ -138,7 +138,8 @@ class MlflowTracker(NullTracker):
         self.parent: str | None = None
         self.stage_run: str | None = None
         self.stage_dir: Path | None = None
-        self._warned = False
+        self._pipeline_args: dict | None = None
+        self._stage_args: dict | None = None
         bound_retries(config.timeout_s)
         problem = None if reachable(self.uri, config.timeout_s) else f"no answer within {config.timeout_s:g} s"
         if problem is None:
@@ -171,9 +172,10 @@ class MlflowTracker(NullTracker):
     # -- offline journal ---------------------------------------------------------------------------------
 
     def _journal(self, op: str, **args: Any) -> None:
+        args.setdefault("time_ms", int(time.time() * 1000))
         self.buffer.parent.mkdir(parents=True, exist_ok=True)
         with open(self.buffer, "a") as handle:
-            handle.write(json.dumps({"op": op, "time_ms": int(time.time() * 1000), **args}, default=str) + "\n")
+            handle.write(json.dumps({"op": op, **args}, default=str) + "\n")
 
     def replay(self) -> int:
         """Send a journal left by an offline run to the (now reachable) server; return how many calls were sent."""
@@ -187,10 +189,7 @@ class MlflowTracker(NullTracker):
             events = [json.loads(line) for line in replaying.read_text().splitlines() if line.strip()]
             for event in events:
                 op = event.pop("op")
-                stamp = event.pop("time_ms")
-                if op == "log_metrics":
-                    self._log_metrics(event["metrics"], event["step"], stamp)
-                elif op == "end_stage":
+                if op == "end_stage":
                     stage_dir = Path(event["stage_dir"])
                     manifest = Manifest.load(stage_dir) if (stage_dir / MANIFEST).is_file() else None
                     self.end_stage(manifest, event["status"])
@@ -205,17 +204,27 @@ class MlflowTracker(NullTracker):
 
     # -- online helpers ----------------------------------------------------------------------------------
 
-    def _guard(self, what: str, call) -> Any:
-        """Run a tracking call; a failure stops the run when tracking is required, else warns once."""
-        try:
-            return call()
-        except Exception as err:  # noqa: BLE001 - any store error is reported the same way
-            if self.config.required:
-                raise ConfigError(f"tracking.uri {self.uri}: {what} failed: {str(err).splitlines()[0][:300]}") from None
-            if not self._warned:
-                log.warn(f"tracking {what} failed ({str(err).splitlines()[0][:200]}); training goes on untracked")
-                self._warned = True
-            return None
+    def _call(self, op: str, args: dict[str, Any], online) -> Any:
+        """Do a tracking call, or journal it while offline.
+
+        A store that fails mid-run stops the run when tracking is required; otherwise the tracker goes offline
+        and journals this call and the rest, after re-opening calls for the pipeline and the current stage
+        (their id files make the replay continue the same runs).
+        """
+        if self.buffer is None:
+            try:
+                return online()
+            except Exception as err:  # noqa: BLE001 - any store error is reported the same way
+                reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+                if self.config.required:
+                    raise ConfigError(f"tracking.uri {self.uri}: {op} failed: {reason}") from None
+                self.buffer = self.run_dir / BUFFER
+                log.warn(f"tracking {op} failed ({reason}); training goes on, tracking calls go to {self.buffer}")
+                if self._pipeline_args and op != "start_pipeline":
+                    self._journal("start_pipeline", **self._pipeline_args)
+                if self._stage_args and op not in ("start_pipeline", "start_stage"):
+                    self._journal("start_stage", **self._stage_args)
+        return self._journal(op, **args)
 
     def _reopen(self, id_file: Path) -> str | None:
         """The run recorded in `id_file` if this store still has it, set running again."""
@@ -259,11 +268,16 @@ class MlflowTracker(NullTracker):
 
     # -- the Tracker interface ---------------------------------------------------------------------------
 
-    def start_pipeline(self, name: str, run_dir: Path, config: dict[str, Any]) -> None:
+    def start_pipeline(self, name: str, run_dir: Path, config: dict[str, Any], time_ms: int | None = None) -> None:
         """Open (or reopen) the run directory's parent run, after replaying any offline journal."""
-        if self.buffer is not None:
-            return self._journal("start_pipeline", name=name, run_dir=str(run_dir), config=config)
-        self._guard("replay", self.replay)
+        if self.buffer is None and self.client is not None:
+            try:
+                self.replay()
+            except Exception as err:  # noqa: BLE001 - the journal is kept for the next try
+                if self.config.required:
+                    raise ConfigError(f"tracking.uri {self.uri}: replaying {BUFFER} failed: {err}") from None
+                log.warn(f"replaying {BUFFER} failed ({str(err)[:200]}); it is kept for the next start")
+        self._pipeline_args = {"name": name, "run_dir": str(run_dir), "config": config}  # after the replay's own
 
         def start():
             from pipeline.runner import git_commit
@@ -276,22 +290,21 @@ class MlflowTracker(NullTracker):
             if (Path(run_dir) / "config.yaml").is_file():
                 self.client.log_artifact(self.parent, str(Path(run_dir) / "config.yaml"))
 
-        self._guard("start_pipeline", start)
+        self._call("start_pipeline", dict(self._pipeline_args), start)
 
-    def end_pipeline(self, status: str = "FINISHED") -> None:
+    def end_pipeline(self, status: str = "FINISHED", time_ms: int | None = None) -> None:
         """Close the parent run."""
-        if self.buffer is not None:
-            return self._journal("end_pipeline", status=status)
-        if self.parent:
-            self._guard("end_pipeline", lambda: self.client.set_terminated(self.parent, status))
+        self._call("end_pipeline", {"status": status},
+                   lambda: self.parent and self.client.set_terminated(self.parent, status))
+        self._pipeline_args = None
 
-    def start_stage(self, name: str, stage_dir: Path, config: dict[str, Any], inputs: list) -> None:
+    def start_stage(self, name: str, stage_dir: Path, config: dict[str, Any], inputs: list,
+                    time_ms: int | None = None) -> None:
         """Open (or continue, on resume) the stage's nested run; tag what it consumed."""
         rows = [i if isinstance(i, dict) else {"field": i.field, "ref": i.ref, "path": str(i.path), "sha256": i.sha256}
                 for i in inputs]
         self.stage_dir = Path(stage_dir)
-        if self.buffer is not None:
-            return self._journal("start_stage", name=name, stage_dir=str(stage_dir), config=config, inputs=rows)
+        self._stage_args = {"name": name, "stage_dir": str(stage_dir), "config": config, "inputs": rows}
 
         def start():
             tags = {"distill.stage": name, "distill.stage_dir": str(Path(stage_dir).resolve()), **input_tags(rows)}
@@ -309,19 +322,21 @@ class MlflowTracker(NullTracker):
                 path = " <- ".join([name] + list(dict.fromkeys(f"{c['name']}({c['stage']})" for c in chain)))
                 self.client.set_tag(self.stage_run, "distill.lineage", path[:5000])
 
-        self._guard("start_stage", start)
+        self._call("start_stage", dict(self._stage_args), start)
 
     def end_stage(self, manifest: Any, status: str = "FINISHED") -> None:
         """Attach the manifest, its metrics, the model (in full) and plots; close the stage's run."""
-        if self.buffer is not None:
-            return self._journal("end_stage", stage_dir=str(self.stage_dir), status=status)
-        if self.stage_run is None:
-            return
-        if manifest is not None:
-            self._guard("end_stage", lambda: self._finish(manifest))
-        if status != "RUNNING":
-            self._guard("end_stage", lambda: self.client.set_terminated(self.stage_run, status))
-        self.stage_run = None
+
+        def finish():
+            if self.stage_run is None:
+                return
+            if manifest is not None:
+                self._finish(manifest)
+            if status != "RUNNING":
+                self.client.set_terminated(self.stage_run, status)
+
+        self._call("end_stage", {"stage_dir": str(self.stage_dir), "status": status}, finish)
+        self.stage_run, self._stage_args = None, None
 
     def _finish(self, manifest: Manifest) -> None:
         from pipeline.plots import log_stage_plots
@@ -343,34 +358,31 @@ class MlflowTracker(NullTracker):
             self.client.set_tag(run_id, "distill.model_dir", model_dir)
         log_stage_plots(self.client, run_id, manifest.metrics)
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def _current(self) -> str | None:
+        return self.stage_run or self.parent
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, time_ms: int | None = None) -> None:
         """Record scalar metrics of the current stage at `step`."""
-        if self.buffer is not None:
-            return self._journal("log_metrics", metrics=_numeric(metrics), step=step)
-        self._guard("log_metrics", lambda: self._log_metrics(metrics, step))
+        stamp = time_ms or int(time.time() * 1000)
+        self._call("log_metrics", {"metrics": _numeric(metrics), "step": step, "time_ms": stamp},
+                   lambda: self._log_metrics(metrics, step, stamp))
 
-    def log_params(self, params: dict[str, Any]) -> None:
+    def log_params(self, params: dict[str, Any], time_ms: int | None = None) -> None:
         """Record parameters of the current stage (ones already logged are kept)."""
-        if self.buffer is not None:
-            return self._journal("log_params", params=params)
-        run_id = self.stage_run or self.parent
-        if run_id:
-            self._guard("log_params", lambda: self._log_params(run_id, params))
+        self._call("log_params", {"params": params},
+                   lambda: self._current() and self._log_params(self._current(), params))
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, path: Path, artifact_path: str | None = None, time_ms: int | None = None) -> None:
         """Attach a file or a folder to the current stage's run."""
-        if self.buffer is not None:
-            return self._journal("log_artifact", path=str(path), artifact_path=artifact_path)
-        run_id = self.stage_run or self.parent
-        if not run_id:
-            return
-        log_one = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
-        self._guard("log_artifact", lambda: log_one(run_id, str(path), artifact_path))
 
-    def set_tags(self, tags: dict[str, str]) -> None:
+        def send():
+            log_one = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+            if self._current():
+                log_one(self._current(), str(path), artifact_path)
+
+        self._call("log_artifact", {"path": str(path), "artifact_path": artifact_path}, send)
+
+    def set_tags(self, tags: dict[str, str], time_ms: int | None = None) -> None:
         """Tag the current stage's run."""
-        if self.buffer is not None:
-            return self._journal("set_tags", tags=tags)
-        run_id = self.stage_run or self.parent
-        if run_id:
-            self._guard("set_tags", lambda: [self.client.set_tag(run_id, k, str(v)) for k, v in tags.items()])
+        self._call("set_tags", {"tags": tags},
+                   lambda: self._current() and [self.client.set_tag(self._current(), k, str(v)) for k, v in tags.items()])

@@ -11,17 +11,18 @@ from mlflow import MlflowClient
 from pipeline.cli import main as distill
 from pipeline.config import ConfigError
 from pipeline.lineage import read_run_id
-from pipeline.mlflow_tracker import BUFFER
+from pipeline.mlflow_tracker import BUFFER, MlflowTracker
 from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
+from pipeline.tracking import TrackingConfig
 from tests.e2e.test_mlflow import artifact_paths, runs_by_name, write_recipe
 from tests.fixtures.mlflow_server import free_port, mlflow_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
-        yield uri
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as running:
+        yield running
 
 
 def test_server_runs_registry_and_download(tmp_path, server):
@@ -30,9 +31,9 @@ def test_server_runs_registry_and_download(tmp_path, server):
         "toy": {"stage": "toy_model", "dev_acc": 0.95},
         "reg": {"stage": "register", "model": "@toy", "name": "served-student", "alias": "champion",
                 "require": ["dev_acc>=0.99*teacher"]},
-    }, uri=server)
+    }, uri=server.uri)
     run_recipe(load_recipe(recipe), tmp_path / "run")
-    client = MlflowClient(server)
+    client = MlflowClient(server.uri)
     runs = runs_by_name(client)
     assert not (tmp_path / "run" / "mlflow.db").exists(), "tracking.uri was ignored"
     toy_id = read_run_id(tmp_path / "run" / "toy")
@@ -47,7 +48,7 @@ def test_server_runs_registry_and_download(tmp_path, server):
     later = write_recipe(tmp_path / "b.yaml", {
         "total": {"numbers": f"runs:/{numbers_id}"},
         "reg": {"stage": "register", "model": "models:/served-student@champion", "name": "served-copy"},
-    }, uri=server)
+    }, uri=server.uri)
     results = run_recipe(load_recipe(later), tmp_path / "run2")
     fetched = tmp_path / "run2" / ".resolved" / "runs" / toy_id
     assert (fetched / "model" / "model.safetensors").is_file() and (fetched / "manifest.json").is_file()
@@ -81,10 +82,10 @@ def test_dead_server_buffers_then_replays(tmp_path, server, capsys):
     assert sum(e["op"] == "log_metrics" for e in events) == 3
 
     capsys.readouterr()
-    assert distill(["track", "replay", str(tmp_path / "run"), "--tracking-uri", server]) == 0
+    assert distill(["track", "replay", str(tmp_path / "run"), "--tracking-uri", server.uri]) == 0
     assert "replayed 7 tracking calls" in capsys.readouterr().out
     assert not (tmp_path / "run" / BUFFER).exists()
-    client = MlflowClient(server)
+    client = MlflowClient(server.uri)
     stage_id = read_run_id(tmp_path / "run" / "toy")
     run = client.get_run(stage_id)
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == read_run_id(tmp_path / "run")
@@ -98,11 +99,36 @@ def test_next_run_replays_the_journal_first(tmp_path, server):
                            required=False)
     run_recipe(load_recipe(offline), tmp_path / "run")
     assert (tmp_path / "run" / BUFFER).is_file() and read_run_id(tmp_path / "run" / "numbers") is None
-    online = write_recipe(tmp_path / "on.yaml", stages, uri=server)
+    online = write_recipe(tmp_path / "on.yaml", stages, uri=server.uri)
     run_recipe(load_recipe(online), tmp_path / "run")  # both stages are done: only the replay talks to MLflow
     assert not (tmp_path / "run" / BUFFER).exists()
-    client = MlflowClient(server)
+    client = MlflowClient(server.uri)
     total = client.get_run(read_run_id(tmp_path / "run" / "total"))
     assert total.data.metrics["total"] == 1 and total.info.status == "FINISHED"
     assert total.data.tags["distill.input.numbers.run_id"] == read_run_id(tmp_path / "run" / "numbers")
     assert total.data.tags["mlflow.parentRunId"] == read_run_id(tmp_path / "run")
+
+
+def test_server_dying_mid_run_goes_to_the_journal(tmp_path, server):
+    """Last in this file: it kills the shared server."""
+    tracker = MlflowTracker(TrackingConfig(enabled=True, uri=server.uri, required=False, timeout_s=2), tmp_path)
+    stage_dir = tmp_path / "train"
+    stage_dir.mkdir()
+    tracker.start_pipeline("dying", tmp_path, {"run": {"seed": 1}})
+    tracker.start_stage("train", stage_dir, {"lr": 0.1}, [])
+    tracker.log_metrics({"loss": 1.0}, 0)
+    stage_run = read_run_id(stage_dir)
+    assert [m.value for m in MlflowClient(server.uri).get_metric_history(stage_run, "loss")] == [1.0]
+    server.stop()
+    started = time.monotonic()
+    tracker.log_metrics({"loss": 0.5}, 1)
+    tracker.log_metrics({"loss": 0.25}, 2)
+    tracker.end_stage(None, "FINISHED")
+    tracker.end_pipeline("FINISHED")
+    assert time.monotonic() - started < 15, "retries were not bounded"
+    events = [json.loads(line) for line in (tmp_path / BUFFER).read_text().splitlines()]
+    # Re-opening calls first, so a replay continues the same runs (their id files stay).
+    assert [e["op"] for e in events] == ["start_pipeline", "start_stage", "log_metrics", "log_metrics",
+                                         "end_stage", "end_pipeline"]
+    assert events[1]["stage_dir"] == str(stage_dir) and read_run_id(stage_dir) == stage_run
+    assert [e["metrics"]["loss"] for e in events if e["op"] == "log_metrics"] == [0.5, 0.25]
