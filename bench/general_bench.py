@@ -62,16 +62,15 @@ def _with_topk(teacher, batch: dict, k: int = 32) -> dict:
             "tail_logmass": torch.from_numpy(targets["tail_logmass"].astype(np.float32))}
 
 
-def _matmul_flops(m: int, k: int, n: int, repeats: int) -> float:
+def _matmul(m: int, k: int, n: int):
+    """A timed unit of fp32 matmul at the student's sizes; returns (run, FLOPs per run)."""
     a, b = torch.randn(m, k), torch.randn(k, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def run():
         for _ in range(5):
             a @ b
-        times.append((time.perf_counter() - start) / 5)
-    return 2 * m * k * n / statistics.median(times)
+    run()
+    return run, 5 * 2 * m * k * n
 
 
 def _train_flops(cfg, tokens: int, masked: int, seq: int) -> float:
@@ -113,20 +112,22 @@ def run(quick: bool = False) -> dict[str, float]:
         engine.step()
 
     train_step(batches[0], cached), train_step(batches[0], online)  # warm up allocations and kernels
-    times = {"cached": [], "online": [], "teacher": []}
+    cfg = trainee.student.config
+    matmul, matmul_flops = _matmul(batch * seq, cfg.hidden_size, cfg.intermediate_size)
+    times = {"cached": [], "online": [], "teacher": [], "matmul": []}
     for b in batches:  # interleaved, so drift in machine load hits all three alike
         for name, fn in (("cached", lambda: train_step(b, cached)), ("online", lambda: train_step(b, online)),
-                         ("teacher", lambda: teacher_logits(teacher, b))):
+                         ("teacher", lambda: teacher_logits(teacher, b)), ("matmul", matmul)):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    t_cached, t_online, t_teacher = (statistics.median(times[k]) for k in ("cached", "online", "teacher"))
+    t_cached, t_online, t_teacher, t_matmul = (statistics.median(times[k])
+                                               for k in ("cached", "online", "teacher", "matmul"))
     ideal = (t_cached + t_teacher) / t_cached
     tokens = int(batches[0]["attention_mask"].sum())
     masked = int(len(batches[0]["labels"]))
-    cfg = trainee.student.config
     flops = _train_flops(cfg, tokens, masked, seq) / t_cached
-    matmul = _matmul_flops(batch * seq, cfg.hidden_size, cfg.intermediate_size, repeats=3 if quick else 5)
+    matmul = matmul_flops / t_matmul
     return {
         "cached_vs_online_share_of_ideal": (t_online / t_cached) / ideal,
         "train_flops_vs_matmul": flops / matmul,
