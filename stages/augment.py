@@ -26,7 +26,7 @@ from pipeline.assets import resolve_asset
 from pipeline.config import ConfigError
 from pipeline.manifest import ManifestError, OutputFile, atomic_path, atomic_write_text, sha256_file
 from stages.augment_core import GloveTable, augment_sentences, banned_token_mask
-from stages.taskdata import TaskData, encode, load_split, pad_batch
+from stages.taskdata import TaskData, encode, load_split, pad_batch, with_source
 from stages.teacher_finetune import teacher_dir, weights_sha256
 
 LAUNCH = "array"
@@ -140,7 +140,7 @@ def run(config: Config, ctx):
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    train = load_split(config.data, "train")
+    train = load_split(with_source(config.data, ctx), "train")
     chunks = -(-len(train) // config.chunk_size)
     mine = [c for c in range(chunks) if c % ctx.world.num_workers == ctx.world.worker]
     mlm_dir = resolve_asset(config.mlm_path)

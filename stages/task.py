@@ -30,7 +30,7 @@ from stages import task_loop
 from stages.latency import compare, parameter_count
 from stages.metrics import compute, confusion_matrix, report_markdown
 from stages.student import StudentConfig
-from stages.taskdata import TaskData, check_same_vocab, encode, load_task, predict, predictions
+from stages.taskdata import TaskData, check_same_vocab, encode, load_task, predict, predictions, with_source
 from stages.teacher_finetune import save_model, teacher_dir
 
 LAUNCH = "single"
@@ -167,7 +167,7 @@ def run(config: Config, ctx):
     torch.manual_seed(ctx.seed)
     teacher_folder = teacher_dir(ctx, config.teacher, config.teacher_path)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_folder))
-    train, dev = load_task(config.data)
+    train, dev = load_task(with_source(config.data, ctx))
     preset = config.data.preset
     num_labels = 1 if preset.regression else len(train.label_names)
     teacher = AutoModelForSequenceClassification.from_pretrained(str(teacher_folder), attn_implementation="eager")

@@ -9,6 +9,7 @@ train) is a one-line ConfigError naming the file and the fix.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ class TaskData:
 
     task: str = "sst2"
     """GLUE preset (sst2, cola, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or `custom`."""
+    source: str | None = field(default=None, metadata={"input": True})
+    """An upstream stage (e.g. "@wordnet") whose folder `train` and `dev` are relative to; None: paths as given."""
     train: str = ""
     """Training file (.tsv/.csv/.jsonl) or `hf:DIR[:split]` for a `datasets` folder saved with save_to_disk."""
     dev: str = ""
@@ -168,6 +171,15 @@ def load_split(data: TaskData, which: Literal["train", "dev"], label_names: list
     if unknown:
         raise ConfigError(f"{spec}: labels {unknown[:5]} never seen in train (known: {label_names}); check the label column")
     return Examples(texts, np.array([index[v] for v in raw], np.int64), list(label_names))
+
+
+def with_source(data: TaskData, ctx) -> TaskData:
+    """`data` with `train`/`dev` made absolute under the upstream `data.source` stage's folder, if one is set."""
+    if data.source is None:
+        return data
+    base = ctx.input_dir("data.source")
+    join = lambda spec: f"hf:{base / spec[3:]}" if spec.startswith("hf:") else (str(base / spec) if spec else spec)  # noqa: E731
+    return dataclasses.replace(data, train=join(data.train), dev=join(data.dev))
 
 
 def load_task(data: TaskData) -> tuple[Examples, Examples]:

@@ -23,7 +23,7 @@ from pipeline.assets import resolve_asset
 from pipeline.config import ConfigError
 from pipeline.manifest import OutputFile
 from stages import metrics as task_metrics
-from stages.taskdata import TaskData, encode, load_task, pad_batch, predict, predictions
+from stages.taskdata import TaskData, encode, load_task, pad_batch, predict, predictions, with_source
 
 LAUNCH = "single"
 
@@ -150,7 +150,7 @@ def run(config: Config, ctx):
     torch.manual_seed(ctx.seed)
     source = resolve_asset(config.teacher_path)
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    train_ex, dev_ex = load_task(config.data)
+    train_ex, dev_ex = load_task(with_source(config.data, ctx))
     preset = config.data.preset
     num_labels = 1 if preset.regression else len(train_ex.label_names)
     model = load_classifier(source, num_labels, train_ex.label_names)
