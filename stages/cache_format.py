@@ -263,9 +263,15 @@ class CachedCorpus:
         self.masker = Masker(self.spec, corpus.load_tokenizer(self.corpus_dir) if self.spec.whole_word else None)
         self.reader = corpus.CorpusReader(self.corpus_dir, split, **reader_kwargs)
         self._where: dict[str, Path] = {}
+        smallest = None
         for rel in split_info["shards"]:
-            for key in read_header(self.cache_dir / rel)["keys"]:
+            keys = read_header(self.cache_dir / rel)["keys"]
+            smallest = len(keys) if smallest is None else min(smallest, len(keys))
+            for key in keys:
                 self._where[key] = self.cache_dir / rel
+        # Keep as many shards decoded as a shuffle buffer can span, so shuffled reads do not re-decode.
+        span = -(-int(reader_kwargs.get("shuffle_buffer", 1024)) // max(smallest or 1, 1)) + 2
+        self._capacity = max(4, span)
         self._loaded: dict[Path, dict[str, CacheRecord]] = {}
         self._hashes = {out.path: out.sha256 for out in self.manifest.outputs}
         self._verified: set[Path] = set()
@@ -277,7 +283,7 @@ class CachedCorpus:
             raise ManifestError(f"{self.cache_dir}: no cache record for sample {key!r} (cache and corpus differ)")
         if path not in self._loaded:
             self._check(path)
-            if len(self._loaded) >= 4:  # a shuffle buffer spans few shards; keep the recent ones decoded
+            if len(self._loaded) >= self._capacity:
                 self._loaded.pop(next(iter(self._loaded)))
             self._loaded[path] = {r.key: r for r in read_cache_shard(path)}
         return self._loaded[path][key]

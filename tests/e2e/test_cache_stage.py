@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -167,3 +168,19 @@ def test_verify_catches_unsorted_rows(setup, tmp_path):
     manifest.write(stage)  # hashes agree again: only the deeper check can tell
     with pytest.raises(ManifestError, match="not sorted descending"):
         verify_path(stage)
+
+
+def test_cached_corpus_shuffles_and_resumes(setup):
+    _, run_dir = setup
+    def reader():
+        return CachedCorpus(run_dir / "shard", run_dir / "cache", "train", seed=3, shuffle=True, shuffle_buffer=16)
+
+    first = reader()
+    stream = iter(first)
+    head = [next(stream) for _ in range(7)]
+    state = first.state_dict()
+    rest = [next(stream)[0].key for _ in range(5)]
+    resumed = reader()
+    resumed.load_state_dict(state)
+    assert [m.key for m, _ in itertools.islice(iter(resumed), 5)] == rest
+    assert all(m.key == r.key for m, r in head)
