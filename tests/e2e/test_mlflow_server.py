@@ -58,7 +58,7 @@ def test_server_runs_registry_and_download(tmp_path, server):
     # A tampered download is refused, naming the file.
     (fetched / "model" / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="config.json"):
-        run_recipe(load_recipe(later), tmp_path / "run2", force=True)
+        run_recipe(load_recipe(later), tmp_path / "run2", stages=["reg"], force=True)
 
 
 def test_dead_server_fails_within_timeout(tmp_path):
