@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from tests.fixtures.toy_launch import local_reference, outputs, submit  # noqa: F401 - fixture
+from tests.fixtures.toy_launch import local_reference, outputs, submit, submit_in_process, write_recipe  # noqa: F401
 
 STAGES = ("items", "train")
 
@@ -46,11 +46,11 @@ def test_local_preempted_stage_is_rerun_and_resumes(local_reference, tmp_path): 
     assert outputs(run_dir, "train") == outputs(local_reference, "train"), "resumed run differs from uninterrupted"
 
 
-def test_dry_run_writes_the_commands_and_runs_nothing(tmp_path, local_reference):  # noqa: F811
+def test_dry_run_writes_the_commands_and_runs_nothing(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    done = submit("submit", str(local_reference / "launch" / "recipe.yaml"), "--backend", "local", "--dry-run",
-                  "--run-dir", str(run_dir), "--out", str(tmp_path / "plan"))
-    assert done.returncode == 0, done.stderr
+    status, _, err = submit_in_process(capsys, "submit", str(write_recipe(tmp_path)), "--backend", "local",
+                                       "--dry-run", "--run-dir", str(run_dir), "--out", str(tmp_path / "plan"))
+    assert status == 0, err
     script = (tmp_path / "plan" / "run.sh").read_text().splitlines()
     assert sum("--stages items" in line and line.endswith("&") for line in script) == 2
     ranks = [line for line in script if "--stages train" in line]

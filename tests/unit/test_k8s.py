@@ -164,12 +164,14 @@ def test_indexed_training_job_and_headless_service(recipe, tmp_path):
     assert "--nnodes 2 --nproc_per_node 4" in script
 
 
-def test_submit_k8s_without_kubeconfig_only_writes(tmp_path):
-    from tests.fixtures.toy_launch import submit
+def test_submit_k8s_without_kubeconfig_only_writes(tmp_path, capsys, monkeypatch):
+    from tests.fixtures.toy_launch import submit_in_process
 
     (tmp_path / "recipe.yaml").write_text(RECIPE)
-    out = submit("submit", str(tmp_path / "recipe.yaml"), "--backend", "k8s", "--run-dir", str(tmp_path / "run"),
-                 env={"KUBECONFIG": str(tmp_path / "absent"), "HOME": str(tmp_path)})
-    assert out.returncode == 0, out.stderr
-    assert "no kubeconfig found: nothing submitted" in out.stdout
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    status, out, err = submit_in_process(capsys, "submit", str(tmp_path / "recipe.yaml"), "--backend", "k8s",
+                                         "--run-dir", str(tmp_path / "run"))
+    assert status == 0, err
+    assert "no kubeconfig found: nothing submitted" in out
     assert len(list((tmp_path / "run" / "launch" / "k8s").glob("*.yaml"))) == 5

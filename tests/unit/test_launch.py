@@ -172,19 +172,20 @@ def test_job_record_feeds_status_columns(tmp_path):
     assert columns["job state"] == {"items": "COMPLETED", "train": "FAILED"}
 
 
-def test_submit_dry_run_cli(tmp_path):
-    from tests.fixtures.toy_launch import submit
+def test_submit_dry_run_cli(tmp_path, capsys):
+    from tests.fixtures.toy_launch import submit_in_process
 
     (tmp_path / "recipe.yaml").write_text(RECIPE)
-    out = submit("submit", str(tmp_path / "recipe.yaml"), "--backend", "slurm", "--dry-run",
-                 "--run-dir", str(tmp_path / "run"))
-    assert out.returncode == 0, out.stderr
-    assert "nothing submitted" in out.stdout
+    status, out, err = submit_in_process(capsys, "submit", str(tmp_path / "recipe.yaml"), "--backend", "slurm",
+                                         "--dry-run", "--run-dir", str(tmp_path / "run"))
+    assert status == 0, err
+    assert "nothing submitted" in out
     written = sorted(p.name for p in (tmp_path / "run" / "launch" / "slurm").iterdir())
     assert "submit.sh" in written and "03-train.sbatch" in written
     assert yaml.safe_load((tmp_path / "run" / "launch" / "recipe.yaml").read_text())["stages"]["train"]["steps"] == 5
-    bad = submit("submit", str(tmp_path / "recipe.yaml"), "--backend", "slurm", "--dry-run", "--set", "launch.nodes=-1")
-    assert bad.returncode == 2 and "launch: nodes must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
+    status, _, err = submit_in_process(capsys, "submit", str(tmp_path / "recipe.yaml"), "--backend", "slurm",
+                                       "--dry-run", "--set", "launch.nodes=-1")
+    assert status == 2 and "launch: nodes must be >= 1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_local_failed_rank_stops_the_others():
