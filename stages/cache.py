@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
 
 from pipeline import log
 from pipeline.config import ConfigError
