@@ -19,13 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-
 from pipeline import log
 from pipeline.config import ConfigError
 from pipeline.manifest import Manifest, ManifestError, OutputFile
 from stages import cache_format as fmt
 from stages import teacher as teachers
-
 from stages.masking import Masker, mask_spec_from_corpus
 
 LAUNCH = "array"
