@@ -159,12 +159,10 @@ def run(config: Config, ctx):
                           f"labels and the task {num_labels}")
     dev_enc = (*encode(tokenizer, dev_ex.texts, config.data.max_length), dev_ex.labels)
     steps = 0
-    if config.finetuned:
-        scores, _ = evaluate(model, *dev_enc, tokenizer.pad_token_id, preset, config.eval_batch_size)
-    else:
+    if not config.finetuned:
         train_enc = (*encode(tokenizer, train_ex.texts, config.data.max_length), train_ex.labels)
-        scores, steps = train(model, config, train_enc, dev_enc, preset, tokenizer.pad_token_id, ctx.seed, ctx.tracker)
-    _, preds = evaluate(model, *dev_enc, tokenizer.pad_token_id, preset, config.eval_batch_size)
+        _, steps = train(model, config, train_enc, dev_enc, preset, tokenizer.pad_token_id, ctx.seed, ctx.tracker)
+    scores, preds = evaluate(model, *dev_enc, tokenizer.pad_token_id, preset, config.eval_batch_size)
     log.info(f"teacher_finetune: dev {scores} after {steps} steps")
     outputs = save_model(model, tokenizer, ctx.stage_dir)
     metrics = {**{f"dev_{k}": v for k, v in scores.items()}, "steps": steps, "train_examples": len(train_ex)}
