@@ -76,12 +76,7 @@ def build_plan(recipe: Recipe, run_dir: Path, stages: list[str] | None = None,
                launch: LaunchConfig | None = None) -> Plan:
     """One job per selected stage; dependencies only between selected stages (others must be done already)."""
     launch = launch or recipe.launch
-    names = list(recipe.stages)
-    if stages:
-        unknown = [s for s in stages if s not in recipe.stages]
-        if unknown:
-            raise ConfigError(f"{recipe.source}: --stages {','.join(unknown)}: not in this recipe (has: {', '.join(names)})")
-        names = [n for n in names if n in stages]
+    names = recipe.select(stages)
     unknown = [s for s in launch.stages if s not in recipe.stages]
     if unknown:
         raise ConfigError(f"{recipe.source}: launch.stages.{unknown[0]}: no such stage in this recipe")

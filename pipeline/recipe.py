@@ -67,6 +67,16 @@ class Recipe:
     source: str
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
+    def select(self, stages: list[str] | None) -> list[str]:
+        """Stage names to run, in recipe order: all, or the named subset (an unknown name is a ConfigError)."""
+        names = list(self.stages)
+        if not stages:
+            return names
+        unknown = [s for s in stages if s not in self.stages]
+        if unknown:
+            raise ConfigError(f"{self.source}: --stages {','.join(unknown)}: not in this recipe (has: {', '.join(names)})")
+        return [n for n in names if n in stages]
+
     def resolved(self) -> dict[str, Any]:
         """The fully resolved recipe as plain data (what `distill config` prints and the run dir keeps)."""
         return {

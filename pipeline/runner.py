@@ -136,12 +136,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, stages: list[str] | None = None
     """Run the recipe's stages in order (or the named subset); each stage's outputs feed the next."""
     world = world or World()
     run_dir = Path(run_dir)
-    names = list(recipe.stages)
-    if stages:
-        unknown = [s for s in stages if s not in recipe.stages]
-        if unknown:
-            raise ConfigError(f"{recipe.source}: --stages {','.join(unknown)}: not in this recipe (has: {', '.join(names)})")
-        names = [n for n in names if n in stages]
+    names = recipe.select(stages)
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         dump_yaml(recipe.resolved(), run_dir / "config.yaml")
