@@ -1,24 +1,25 @@
 """The `task` stage's training: student classifier construction, per-phase losses, checkpoints, exact resume.
 
-A plain single-process torch loop kept behind `train(...)` so that it can move onto the shared training
-engine without touching the stage. Batches are a pure function of (seed, phase, epoch, step), the learning
-rate a pure function of the step, and the checkpoint holds weights, optimizer moments and the RNG state, so
-resuming from `ckpt/step-N/` gives bit-identical weights to a run that never stopped.
+Training goes through the shared engine (`pipeline.engine`, the torch backend) and checkpoints through
+`pipeline.checkpoint`, like the `general` stage. Batches are a pure function of (seed, phase, epoch, step), the
+learning rate a pure function of the step, and a checkpoint holds weights, optimizer moments and the RNG
+state (hashed in its meta.json), so resuming from `ckpt/step-N/` gives bit-identical weights to a run that
+never stopped.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline import log
+from pipeline import checkpoint, log
 from pipeline.config import ConfigError
-from pipeline.manifest import atomic_path, atomic_write_text
+from pipeline.engine import EngineSettings, build_engine
+from pipeline.manifest import ManifestError
 from stages import losses
 from stages.introspect import AttentionCapture
 from stages.taskdata import pad_batch
@@ -116,95 +117,75 @@ def phase_loss(phase, config, student, teacher, proj, batch, labels, cached, pic
     return loss
 
 
-def _latest(root: Path) -> tuple[Path | None, dict | None]:
-    steps = sorted((int(p.name[5:]), p) for p in root.glob("step-*") if (p / "state.json").is_file())
-    if not steps:
-        return None, None
-    return steps[-1][1], json.loads((steps[-1][1] / "state.json").read_text())
+class Trainee(nn.Module):
+    """Student plus its projection to the teacher's width: one module for the engine and its checkpoints."""
+
+    def __init__(self, student: nn.Module, proj: nn.Module):
+        super().__init__()
+        self.student, self.proj = student, proj
 
 
-def _save(root: Path, global_step: int, state: dict, student, proj, opt, keep_last: int) -> None:
-    """step-N/: weights (safetensors), optimizer + RNG (tensors only), state.json written last."""
-    from safetensors.torch import save_file
-
-    folder = root / f"step-{global_step}"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    weights = {f"student.{k}": v.contiguous() for k, v in student.state_dict().items()}
-    weights.update({f"proj.{k}": v.contiguous() for k, v in proj.state_dict().items()})
-    with atomic_path(folder / "weights.safetensors") as tmp:
-        save_file(weights, str(tmp))
-    with atomic_path(folder / "optimizer.pt") as tmp:
-        torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state()}, tmp)
-    atomic_write_text(folder / "state.json", json.dumps(state))
-    done = sorted((int(p.name[5:]), p) for p in root.glob("step-*") if (p / "state.json").is_file())
-    for _, old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+def _saved_state(found: Path | None) -> dict | None:
+    """The trainer state (phase, step) of checkpoint `found`, read before an engine exists to load it into."""
+    if found is None:
+        return None
+    path = found / "state-rank0.json"
+    try:
+        return json.loads(path.read_text())["state"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise ManifestError(f"{path}: unreadable checkpoint state ({err}); delete {found} to resume from an earlier one") from None
 
 
-def _load(folder: Path, student, proj, opt=None) -> None:
-    from safetensors.torch import load_file
-
-    weights = load_file(str(folder / "weights.safetensors"))
-    student.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("student.")})
-    proj.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("proj.")})
-    if opt is not None:
-        extra = torch.load(folder / "optimizer.pt", weights_only=True)
-        opt.load_state_dict(extra["optimizer"])
-        torch.set_rng_state(extra["rng"])
-
-
-def _lr(config, step: int, total: int) -> float:
-    warmup = max(1, int(0.1 * total))
-    return config.lr * min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+def _settings(config, total: int) -> EngineSettings:
+    # Linear warm-up over the first 10% of a phase, then decay to zero: the shared engine's schedule.
+    return EngineSettings(backend="torch", lr=config.lr, weight_decay=0.01, warmup_steps=max(1, int(0.1 * total)),
+                          total_steps=total, min_lr_ratio=0.0, micro_batch_size=config.batch_size, grad_accum=1,
+                          clip_norm=1.0, precision="fp32")
 
 
 def train(config, ctx, student, teacher, data, cached, pad_id: int, *, regression: bool) -> dict:
-    """Run the objective's phases with checkpoints every `checkpoint_every` steps, resuming from the newest."""
+    """Run the objective's phases through the shared engine; checkpoint every `checkpoint_every` steps into
+    `ckpt/step-N/` (pipeline.checkpoint) and resume from the newest complete one."""
     ids, types, labels = data
     n = len(ids)
     per_epoch = math.ceil(n / config.batch_size)
     root = ctx.stage_dir / CKPT
-    proj = _projection(student, teacher)
+    trainee = Trainee(student, _projection(student, teacher))
     teacher.eval()
-    found, state = _latest(root)
+    found = checkpoint.latest(root)
+    state = _saved_state(found)
     if found is not None:
         log.info(f"task: resuming from {found.name} (phase {state['phase']}, step {state['step']})")
-        _load(found, student, proj)
     counts = {"teacher_train_examples": 0, "steps": 0, "resumed_from_step": state["global_step"] if state else 0}
     global_step = 0
     for index, (phase, epochs) in enumerate(config.phases()):
         total = max(1, int(epochs * per_epoch))
         total = min(total, config.max_steps) if config.max_steps else total
-        params = list(student.parameters()) + list(proj.parameters())
-        opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=config.lr, weight_decay=0.01)
-        step = 0
         if state is not None and state["phase"] > index:
             global_step += total
             continue
+        engine = build_engine(trainee, settings=_settings(config, total), world=ctx.world)
+        step = 0
         if state is not None and state["phase"] == index:
-            _load(found, student, proj, opt)
-            step = state["step"]
-        student.train()
+            step = checkpoint.load(found, engine, ctx.world)["step"]
+        trainee.train()
         while step < total:
             epoch, offset = divmod(step, per_epoch)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed * 7919 + index * 101 + epoch))
             pick = order[offset * config.batch_size : (offset + 1) * config.batch_size]
             batch = pad_batch([ids[i] for i in pick], [types[i] for i in pick], pad_id)
             target = torch.as_tensor(labels[pick.numpy()])
-            for group in opt.param_groups:
-                group["lr"] = _lr(config, step, total)
-            loss = phase_loss(phase, config, student, teacher, proj, batch, target, cached, pick, counts, regression)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = phase_loss(phase, config, trainee.student, teacher, trainee.proj, batch, target, cached, pick,
+                              counts, regression)
+            engine.backward(loss)
+            engine.step()
             step += 1
             counts["steps"] += 1
             ctx.tracker.log_metrics({f"{phase}_loss": loss.item()}, global_step + step)
             if step % config.checkpoint_every == 0 or step == total:
-                _save(root, global_step + step, {"phase": index, "step": step, "global_step": global_step + step},
-                      student, proj, opt, config.keep_last)
+                checkpoint.save(root, global_step + step, engine,
+                                {"phase": index, "step": step, "global_step": global_step + step}, ctx.world,
+                                keep_last=config.keep_last)
             if step % 50 == 0 or step == total:
                 log.info(f"task: {phase} step {step}/{total} loss {loss.item():.4f}")
         global_step += total
