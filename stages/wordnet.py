@@ -102,7 +102,11 @@ def run(config: Config, ctx):
     ordered = sorted(synsets, key=lambda row: _hash_unit(row[0], config.split_seed))
     dev = [(g, c) for sid, c, g in ordered if _hash_unit("dev:" + sid, config.split_seed) < config.dev_fraction]
     train = [(g, c) for sid, c, g in ordered if _hash_unit("dev:" + sid, config.split_seed) >= config.dev_fraction]
-    train, dev = train[: config.max_train], dev[: config.max_dev]
+    train = train[: config.max_train]
+    seen = {c for _, c in train}
+    # A class too rare to reach the (limited) train split cannot be learned or scored: keep dev to seen classes.
+    unseen = sum(c not in seen for _, c in dev)
+    dev = [(g, c) for g, c in dev if c in seen][: config.max_dev]
     _write_tsv(ctx.stage_dir / "train.tsv", train)
     _write_tsv(ctx.stage_dir / "dev.tsv", dev)
     labels = sorted({c for _, c in train})
@@ -112,4 +116,5 @@ def run(config: Config, ctx):
         OutputFile.of(ctx.stage_dir, "dev.tsv", examples=len(dev)),
     ]
     extra = {"labels": labels, "text_column": "sentence", "label_column": "label", "source": str(source)}
-    return ctx.manifest(config, outputs, metrics={"synsets": len(synsets), "classes": len(labels)}, extra=extra)
+    metrics = {"synsets": len(synsets), "classes": len(labels), "dev_dropped_unseen_class": unseen}
+    return ctx.manifest(config, outputs, metrics=metrics, extra=extra)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 from tests.conftest import run_cli
 
@@ -15,6 +16,8 @@ def fake_wordnet(folder):
         HEADER
         + "00001740 03 n 01 entity 0 000 | that which is perceived or known to exist  \n"
         + "02084071 05 n 01 dog 0 000 | a member of the genus Canis; \"the dog barked all night\"  \n"
+        + "02121620 05 n 01 cat 0 000 | feline mammal usually having thick soft fur  \n"
+        + "02374451 05 n 01 horse 0 000 | solid-hoofed herbivorous quadruped domesticated since prehistoric times  \n"
     )
     (folder / "data.verb").write_text(HEADER + "00001740 29 v 01 breathe 0 000 | draw air into, and expel out of, the lungs  \n")
     (folder / "data.adj").write_text(HEADER + "00001740 00 a 01 able 0 000 | having the necessary means or skill  \n")
@@ -29,11 +32,15 @@ def test_wordnet_stage_writes_corpus_and_task(tmp_path):
     assert out.returncode == 0, out.stderr
     stage = tmp_path / "run" / "wordnet"
     assert (stage / "corpus.txt").read_text().splitlines()[1] == 'a member of the genus Canis; "the dog barked all night"'
-    rows = []
-    for name in ("train.tsv", "dev.tsv"):
+    def labels(name):
         with open(stage / name) as handle:
-            rows += list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    assert sorted(r["label"] for r in rows) == sorted(["noun.Tops", "noun.animal", "verb.body", "adj.all", "adv.all"])
+            return [r["label"] for r in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)]
+
+    train, dev = labels("train.tsv"), labels("dev.tsv")
+    assert set(dev) <= set(train), "dev holds a class train never shows"
+    dropped = json.loads((stage / "manifest.json").read_text())["metrics"]["dev_dropped_unseen_class"]
+    assert len(train) + len(dev) + dropped == 7  # every synset lands in train, dev, or is dropped as unseen
+    assert set(train) <= {"noun.Tops", "noun.animal", "verb.body", "adj.all", "adv.all"}
     # The split is a function of the synset ids only: a rerun elsewhere gives the same files.
     again = run_cli("stage", "wordnet", str(config), "--run-dir", str(tmp_path / "run2"))
     assert again.returncode == 0
