@@ -10,6 +10,7 @@ student_cpu_speedup       CPU inference speed of the SST-2 recipe's student (4 l
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -80,11 +81,18 @@ def _hf_trainer(student, batch, labels, steps: int) -> list[float]:
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.start)
 
-    with tempfile.TemporaryDirectory(prefix="task-bench-") as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=len(rows), max_steps=steps,
-                                 learning_rate=1e-5, max_grad_norm=1.0, logging_strategy="no", save_strategy="no",
-                                 report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
-        Trainer(model=student, args=args, train_dataset=rows, callbacks=[Clock()]).train()
+    # A DeepSpeed engine built earlier in this process set LOCAL_RANK; HF's Trainer would then expect torchrun.
+    local_rank = os.environ.pop("LOCAL_RANK", None)
+    try:
+        with tempfile.TemporaryDirectory(prefix="task-bench-") as out:
+            args = TrainingArguments(output_dir=out, per_device_train_batch_size=len(rows), max_steps=steps,
+                                     learning_rate=1e-5, max_grad_norm=1.0, logging_strategy="no",
+                                     save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                                     dataloader_num_workers=0)
+            Trainer(model=student, args=args, train_dataset=rows, callbacks=[Clock()]).train()
+    finally:
+        if local_rank is not None:
+            os.environ["LOCAL_RANK"] = local_rank
     return times
 
 

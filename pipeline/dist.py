@@ -26,8 +26,9 @@ def init(world: World, *, need_group: bool = False) -> None:
     """
     if dist.is_initialized():
         return
-    # DeepSpeed checks LOCAL_RANK itself; torchrun sets it, a plain `distill run` does not.
-    os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
+    if world.world_size > 1 or need_group:
+        # DeepSpeed checks LOCAL_RANK itself; torchrun sets it, a plain `distill run` does not.
+        os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
     if world.world_size > 1:
         dist.init_process_group(backend(), init_method="env://", rank=world.rank, world_size=world.world_size)
     elif need_group:
