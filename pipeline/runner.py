@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ STARTED = ".started.json"
 """Marker a stage directory gets when work starts: the fingerprint it started with."""
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """The commit of the source tree this package runs from, if it is a git checkout."""
     try:
