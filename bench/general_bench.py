@@ -84,7 +84,7 @@ def _train_flops(cfg, tokens: int, masked: int, seq: int) -> float:
 def run(quick: bool = False) -> dict[str, float]:
     """Measure the figures; `quick` uses fewer and smaller batches."""
     from pipeline.assets import resolve_asset
-    from pipeline.engine import EngineSettings, build_engine
+    from pipeline.train.engine import EngineSettings, build_engine
     from pipeline.world import World
     from stages.general import Config, LossWeights
     from stages.general_data import teacher_logits

@@ -23,7 +23,7 @@ from kubernetes import client as k8s
 from launch.config import time_seconds
 from launch.plan import Job, Plan, dns_name
 from pipeline.manifest import atomic_write_text
-from pipeline.preempt import EXIT_PREEMPTED
+from pipeline.train.preempt import EXIT_PREEMPTED
 
 RECIPE_MOUNT = "/etc/distill"
 MASTER_PORT = 29500

@@ -19,7 +19,7 @@ from pathlib import Path
 from launch.plan import Job, Plan
 from pipeline import log
 from pipeline.config import ConfigError
-from pipeline.preempt import EXIT_PREEMPTED
+from pipeline.train.preempt import EXIT_PREEMPTED
 
 
 def _free_port() -> int:

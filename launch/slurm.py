@@ -16,7 +16,7 @@ from pathlib import Path
 from launch.plan import Job, Plan, dns_name
 from pipeline.config import ConfigError
 from pipeline.manifest import atomic_write_text
-from pipeline.preempt import EXIT_PREEMPTED
+from pipeline.train.preempt import EXIT_PREEMPTED
 
 # Each srun task becomes one torch.distributed rank; the rendezvous address is the job's first node.
 RANK_WRAPPER = 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"'

@@ -10,10 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import __version__, log
+from pipeline import __version__, log, registry
 from pipeline.config import ConfigError
 from pipeline.manifest import ManifestError
-from pipeline.preempt import EXIT_PREEMPTED, Preempted
+from pipeline.train.preempt import EXIT_PREEMPTED, Preempted
 from pipeline.world import world_from_env
 
 USER_ERRORS = (ConfigError, ManifestError, FileNotFoundError)
@@ -68,13 +68,8 @@ def cmd_status(args) -> int:
     from pipeline.inspect import format_status, stage_rows
 
     rows = stage_rows(Path(args.run_dir))
-    extra = {}
-    try:
-        from launch.jobs import job_columns  # Slurm/K8s job ids and states, when the run was submitted
-    except ImportError:
-        job_columns = None
-    if job_columns is not None:
-        extra = job_columns(Path(args.run_dir))
+    job_columns = registry.load_symbol(registry.STATUS_COLUMNS)  # cluster job ids and states, when submitted
+    extra = job_columns(Path(args.run_dir)) if job_columns is not None else {}
     print(json.dumps(rows, indent=2) if args.json else format_status(rows, extra))
     return 0
 
@@ -136,16 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list:
     """Verbs that live with their subsystem (submit in launch/, promote in tracking, bench in bench/)."""
-    adders = []
-    for module, attr in (("launch.cli", "add_parser"), ("pipeline.promote", "add_parser"), ("bench.cli", "add_parser")):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ModuleNotFoundError as err:
-            if err.name and module.startswith(err.name):
-                continue
-            raise
-        adders.append(getattr(mod, attr))
-    return adders
+    found = (registry.load_symbol(f"{module}:add_parser") for module in registry.COMMANDS)
+    return [add for add in found if add is not None]
 
 
 COMMANDS: list = []

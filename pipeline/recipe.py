@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launch.config import LaunchConfig
 from pipeline import registry
 from pipeline.config import ConfigError, Sources, apply_overrides, build, load_yaml, to_dict
 from pipeline.tracking import TrackingConfig
@@ -62,7 +61,8 @@ class Recipe:
 
     run: RunSection
     tracking: TrackingConfig
-    launch: LaunchConfig
+    launch: Any
+    """The `launch:` section, validated by the class `registry.SECTIONS` names (launch.config.LaunchConfig)."""
     stages: dict[str, StageEntry]
     source: str
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -99,7 +99,7 @@ def parse(tree: dict, sources: Sources, origin: str) -> Recipe:
             raise ConfigError(f"{where}: {key}: unknown key (known: {', '.join(sorted(known))})")
     run = build(RunSection, tree.get("run") or {}, sources, ("run",), origin)
     tracking = build(TrackingConfig, tree.get("tracking") or {}, sources, ("tracking",), origin)
-    launch = build(LaunchConfig, tree.get("launch") or {}, sources, ("launch",), origin)
+    launch = build(registry.section("launch"), tree.get("launch") or {}, sources, ("launch",), origin)
     stages_tree = tree.get("stages")
     if not isinstance(stages_tree, dict) or not stages_tree:
         raise ConfigError(f"{sources.get(('stages',), origin)}: stages: expected a mapping of stage name -> config")

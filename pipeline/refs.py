@@ -17,7 +17,7 @@ def resolve_ref(ref: str, run_dir: Path, tracking=None) -> Path:
     if ref.startswith("@"):
         path = Path(run_dir) / ref[1:]
     elif ref.startswith(("runs:/", "models:/")):
-        from pipeline.mlflow_tracker import resolve_mlflow_uri
+        from pipeline.tracking.lineage import resolve_mlflow_uri
 
         path = resolve_mlflow_uri(ref, tracking, run_dir)
     else:

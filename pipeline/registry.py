@@ -56,6 +56,36 @@ class StageSpec:
         return getattr(self.module, "verify", None)
 
 
+SECTIONS: dict[str, str] = {"launch": "launch.config:LaunchConfig"}
+"""Recipe sections other subsystems own: key -> `module:Class` of the dataclass that validates the section."""
+
+COMMANDS: list[str] = ["launch.cli", "pipeline.tracking.promote", "bench.cli"]
+"""Modules whose `add_parser(subparsers)` adds CLI verbs that live with their subsystem."""
+
+STATUS_COLUMNS = "launch.jobs:job_columns"
+"""`module:function` giving extra `distill status` columns (cluster job ids and states) for a run directory."""
+
+
+def load_symbol(target: str) -> Any | None:
+    """The object `module:name` names, or None when that module is not installed."""
+    module, _, attr = target.partition(":")
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name and module.startswith(err.name):
+            return None
+        raise
+    return getattr(found, attr)
+
+
+def section(key: str) -> type:
+    """The dataclass validating recipe section `key`."""
+    found = load_symbol(SECTIONS[key])
+    if found is None:
+        raise ConfigError(f"recipe section {key!r} needs {SECTIONS[key]}, which is not installed")
+    return found
+
+
 def register(name: str, module: str) -> None:
     """Add a stage type (plugins and tests use this)."""
     STAGES[name] = module

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 from pipeline import log
 from pipeline.config import ConfigError, config_hash, dump_yaml, to_dict
 from pipeline.context import ResolvedInput, RunContext
+from pipeline.provenance import git_commit
 from pipeline.manifest import MANIFEST, Manifest, ManifestError, atomic_write_text, manifest_sha256
 from pipeline.recipe import Recipe, StageEntry
 from pipeline.refs import resolve_ref
@@ -20,18 +19,6 @@ from pipeline.world import World
 
 STARTED = ".started.json"
 """Marker a stage directory gets when work starts: the fingerprint it started with."""
-
-
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str | None:
-    """The commit of the source tree this package runs from, if it is a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
 
 
 def resolve_inputs(entry: StageEntry, run_dir: Path, recipe: Recipe) -> dict[str, ResolvedInput]:

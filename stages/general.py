@@ -8,8 +8,8 @@ hidden states plus 12 x 12 x 128 x 128 x 2 B = 4.7 MB of attention scores, about
 cosine and MiniLM losses run the teacher online, loaded on every rank in eval mode with no grad (see
 pipeline/engine.py for the memory trade-off).
 
-Training goes through `pipeline.engine` (torch or DeepSpeed ZeRO 0-3) and checkpoints through
-`pipeline.checkpoint` (`resume: auto` continues from the newest complete `checkpoints/step-N/`).
+Training goes through `pipeline.train.engine` (torch or DeepSpeed ZeRO 0-3) and checkpoints through
+`pipeline.train.checkpoint` (`resume: auto` continues from the newest complete `checkpoints/step-N/`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from typing import Literal
 
 import torch
 
-from pipeline import checkpoint, dist, log, preempt
+from pipeline import log
+from pipeline.train import checkpoint, dist, preempt
 from pipeline.config import ConfigError
-from pipeline.engine import EngineSettings, build_engine, deepspeed_json
+from pipeline.train.engine import EngineSettings, build_engine, deepspeed_json
 from stages import general_data as data
 from stages import general_model as gm
 from stages.student import StudentConfig

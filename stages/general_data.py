@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import dist
+from pipeline.train import dist
 from pipeline.config import ConfigError
 from stages import corpus
 from stages import teacher as teachers

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline import dist
+from pipeline.train import dist
 from pipeline.config import ConfigError
 from pipeline.manifest import OutputFile
 from stages import losses as L

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from pipeline import log
 from pipeline.config import ConfigError
-from pipeline.lineage import lineage_chain, read_run_id
-from pipeline.manifest import OutputFile, atomic_write_text, manifest_sha256
-from pipeline.promote import PromotionRefused, parse_gate, promote
+from pipeline.tracking.lineage import lineage_chain
+from pipeline.manifest import OutputFile, atomic_write_text
+from pipeline.tracking.promote import PromotionRefused, parse_gate
 
 LAUNCH = "single"
 
@@ -47,34 +47,18 @@ class Config:
                 raise ValueError(str(err)) from None
 
 
-def _source_run(tracker, ctx, model_dir: str) -> str:
-    """The run holding the model in full: the upstream stage's, else this stage's after logging it here."""
-    upstream = read_run_id(ctx.input_dir("model"))
-    if upstream:
-        try:
-            if tracker.client.get_run(upstream).data.tags.get("distill.model_dir") == model_dir:
-                return upstream
-        except Exception:  # noqa: BLE001 - a run from another store: log the model here instead
-            pass
-    source = ctx.input_dir("model")
-    tracker.log_artifact(source / "manifest.json")
-    tracker.log_artifact(source / model_dir, model_dir)
-    tracker.set_tags({"distill.model_dir": model_dir, "distill.manifest_sha256": manifest_sha256(source)})
-    return tracker.stage_run
-
-
 def run(config: Config, ctx):
-    tracker = ctx.tracker
-    if getattr(tracker, "client", None) is None or tracker.stage_run is None:
-        raise ConfigError(f"stages.{ctx.name}: registering needs tracking.enabled: true and a reachable store")
+    try:
+        registry = ctx.tracker.model_registry()
+    except ConfigError as err:
+        raise ConfigError(f"stages.{ctx.name}: {err}") from None
     upstream = ctx.input_manifest("model")
     model_dir = upstream.extra.get("model_dir")
     if not model_dir or not (ctx.input_dir("model") / model_dir).is_dir():
         raise ConfigError(f"stages.{ctx.name}.model: {config.model!r} ({upstream.stage}) did not save a model "
                           "(no extra.model_dir in its manifest); point it at teacher_adapt, general, "
                           "teacher_finetune or task")
-    client = tracker.client
-    run_id = _source_run(tracker, ctx, model_dir)
+    run_id = registry.source_run(ctx.input_dir("model"), model_dir)
     chain = lineage_chain(ctx.input_dir("model"))
     tags = {
         "distill.metrics": json.dumps(upstream.metrics, sort_keys=True),
@@ -83,25 +67,20 @@ def run(config: Config, ctx):
         "distill.lineage": " <- ".join(f"{c['name']}({c['stage']})" for c in chain)[:5000],
         "distill.lineage_runs": json.dumps([c["run_id"] for c in chain])[:5000],
     }
-    try:
-        client.create_registered_model(config.name)
-    except Exception:  # noqa: BLE001 - it exists already; a real store error shows up on the next call
-        pass
-    version = client.create_model_version(config.name, source=f"runs:/{run_id}", run_id=run_id, tags=tags,
-                                          description=config.description or None)
+    version = registry.create_version(config.name, run_id, tags, config.description or None)
     log.info(f"{ctx.name}: registered {config.name} version {version.version} from run {run_id}")
     record = {"name": config.name, "version": str(version.version), "run_id": run_id, "alias": config.alias,
               "promoted": False, "reason": "no alias requested", "lineage": chain}
     if config.alias:
         try:
-            record["reason"] = promote(client, config.name, version, config.alias, config.require)
+            record["reason"] = registry.promote(config.name, version, config.alias, config.require)
             record["promoted"] = True
             log.info(f"{ctx.name}: {record['reason']}")
         except PromotionRefused as err:
             record["reason"] = str(err)
             log.warn(f"{ctx.name}: {err}")
-    tracker.set_tags({"distill.registered": f"{config.name}/{version.version}",
-                      "distill.promotion": record["reason"][:5000]})
+    ctx.tracker.set_tags({"distill.registered": f"{config.name}/{version.version}",
+                          "distill.promotion": record["reason"][:5000]})
     atomic_write_text(ctx.stage_dir / "registered.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
     metrics = {"version": int(version.version), "promoted": int(record["promoted"])}
     extra = {k: record[k] for k in ("name", "version", "run_id", "alias", "promoted", "reason")}

@@ -1,7 +1,7 @@
 """The `task` stage's training: student classifier construction, per-phase losses, checkpoints, exact resume.
 
-Training goes through the shared engine (`pipeline.engine`, the torch backend) and checkpoints through
-`pipeline.checkpoint`, like the `general` stage. Batches are a pure function of (seed, phase, epoch, step), the
+Training goes through the shared engine (`pipeline.train.engine`, the torch backend) and checkpoints through
+`pipeline.train.checkpoint`, like the `general` stage. Batches are a pure function of (seed, phase, epoch, step), the
 learning rate a pure function of the step, and a checkpoint holds weights, optimizer moments and the RNG
 state (hashed in its meta.json), so resuming from `ckpt/step-N/` gives bit-identical weights to a run that
 never stopped.
@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import checkpoint, log
+from pipeline import log
+from pipeline.train import checkpoint
 from pipeline.config import ConfigError
-from pipeline.engine import EngineSettings, build_engine
+from pipeline.train.engine import EngineSettings, build_engine
 from pipeline.manifest import ManifestError
 from stages import losses
 from stages.introspect import AttentionCapture
@@ -145,7 +146,7 @@ def _settings(config, total: int) -> EngineSettings:
 
 def train(config, ctx, student, teacher, data, cached, pad_id: int, *, regression: bool) -> dict:
     """Run the objective's phases through the shared engine; checkpoint every `checkpoint_every` steps into
-    `ckpt/step-N/` (pipeline.checkpoint) and resume from the newest complete one."""
+    `ckpt/step-N/` (pipeline.train.checkpoint) and resume from the newest complete one."""
     ids, types, labels = data
     n = len(ids)
     per_epoch = math.ceil(n / config.batch_size)

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from pipeline import registry
 from pipeline.cli import main as distill
 from pipeline.config import ConfigError
-from pipeline.lineage import read_run_id, resolve_mlflow_uri
+from pipeline.tracking.lineage import read_run_id, resolve_mlflow_uri
 from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
 from tests.conftest import run_cli

@@ -10,8 +10,8 @@ from mlflow import MlflowClient
 
 from pipeline.cli import main as distill
 from pipeline.config import ConfigError
-from pipeline.lineage import read_run_id
-from pipeline.mlflow_tracker import BUFFER, MlflowTracker
+from pipeline.tracking.lineage import read_run_id
+from pipeline.tracking.mlflow_tracker import BUFFER, MlflowTracker
 from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
 from pipeline.tracking import TrackingConfig

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline.train import checkpoint
 from pipeline.config import ConfigError
-from pipeline.engine import EngineSettings, build_engine
+from pipeline.train.engine import EngineSettings, build_engine
 from pipeline.world import World
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.engine import EngineSettings, build_engine, deepspeed_json, lr_at
+from pipeline.train.engine import EngineSettings, build_engine, deepspeed_json, lr_at
 from pipeline.world import World
 
 

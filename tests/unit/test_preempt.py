@@ -3,7 +3,7 @@
 import os
 import signal
 
-from pipeline import preempt
+from pipeline.train import preempt
 
 
 def test_signal_sets_flag_and_uninstall_restores():

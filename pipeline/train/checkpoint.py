@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import dist, log
+from pipeline import log
+from pipeline.train import dist
 from pipeline.config import ConfigError
 from pipeline.manifest import ManifestError, atomic_write_text, sha256_file
 from pipeline.world import World

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError
-from pipeline.plots import STUDENT_PREFIX, TEACHER_PREFIX
+from pipeline.tracking.base import TrackingConfig
+from pipeline.tracking.plots import STUDENT_PREFIX, TEACHER_PREFIX
+from pipeline.tracking.store import connect, sqlite_uri, store_uri
 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq}
 _GATE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|>|<)\s*(\S.*?)\s*$")
@@ -128,21 +130,9 @@ def promote(client, name: str, version, alias: str, gates: list[str]) -> str:
 
 
 def _client(args):
-    import os
-
-    from mlflow import MlflowClient
-
-    from pipeline.mlflow_tracker import bound_retries, prepare_sqlite, reachable
-
-    uri = args.tracking_uri or (f"sqlite:///{Path(args.run_dir).resolve() / 'mlflow.db'}" if args.run_dir else None)
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise ConfigError("no tracking store: give --tracking-uri URI, --run-dir DIR or set MLFLOW_TRACKING_URI")
-    bound_retries(args.timeout)
-    if not reachable(uri, args.timeout):
-        raise ConfigError(f"tracking server {uri}: no answer within {args.timeout:g} s")
-    prepare_sqlite(uri)
-    return MlflowClient(uri)
+    # --run-dir names that run's embedded store as explicitly as --tracking-uri names a server.
+    given = args.tracking_uri or (sqlite_uri(Path(args.run_dir)) if args.run_dir else None)
+    return connect(store_uri(given, None), args.timeout)
 
 
 def cmd_promote(args) -> int:
@@ -153,8 +143,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from pipeline.mlflow_tracker import BUFFER, MlflowTracker
-    from pipeline.tracking import TrackingConfig
+    from pipeline.tracking.mlflow_tracker import BUFFER, MlflowTracker
 
     run_dir = Path(args.run_dir)
     if not (run_dir / BUFFER).is_file():

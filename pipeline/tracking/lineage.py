@@ -14,6 +14,8 @@ from urllib.parse import unquote, urlparse
 
 from pipeline.config import ConfigError
 from pipeline.manifest import MANIFEST, Manifest, ManifestError, manifest_sha256
+from pipeline.tracking.base import TrackingConfig
+from pipeline.tracking.store import StoreUnreachable, connect, store_uri
 
 RUN_ID_FILE = ".mlflow_run_id"
 """File in a stage (or run) directory naming its MLflow run, so a resumed stage continues that run."""
@@ -120,18 +122,12 @@ def _check(path: Path, run, ref: str) -> Path:
 
 def resolve_mlflow_uri(ref: str, tracking_config, run_dir: Path) -> Path:
     """The checked directory (holding manifest.json) that `runs:/ID[/path]` or `models:/NAME@ALIAS|/VERSION` names."""
-    from mlflow import MlflowClient
-
-    from pipeline.mlflow_tracker import bound_retries, prepare_sqlite, reachable, tracking_uri
-    from pipeline.tracking import TrackingConfig
-
     tracking_config = tracking_config or TrackingConfig()
-    uri = tracking_uri(tracking_config, run_dir)
-    bound_retries(tracking_config.timeout_s)
-    if not reachable(uri, tracking_config.timeout_s):
-        raise ConfigError(f"input {ref!r}: tracking server {uri} did not answer within {tracking_config.timeout_s:g} s")
-    prepare_sqlite(uri)
-    client = MlflowClient(uri)
+    uri = store_uri(tracking_config.uri, run_dir)
+    try:
+        client = connect(uri, tracking_config.timeout_s)
+    except StoreUnreachable as err:
+        raise ConfigError(f"input {ref!r}: {err}") from None
     sub = ""
     if ref.startswith("models:/"):
         body = ref[len("models:/"):]

@@ -13,86 +13,22 @@ import json
 import math
 import os
 import platform
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline import log
 from pipeline.config import ConfigError
-from pipeline.lineage import RUN_ID_FILE, input_tags, lineage_chain, read_run_id, resolve_mlflow_uri
 from pipeline.manifest import MANIFEST, Manifest, atomic_write_text, manifest_sha256
-from pipeline.tracking import NullTracker, TrackingConfig
-
-__all__ = ["BUFFER", "MlflowTracker", "resolve_mlflow_uri", "tracking_uri"]  # pipeline.refs imports the resolver here
+from pipeline.provenance import git_commit
+from pipeline.tracking.base import NullTracker, TrackingConfig
+from pipeline.tracking.lineage import RUN_ID_FILE, input_tags, lineage_chain, read_run_id
+from pipeline.tracking.plots import log_stage_plots
+from pipeline.tracking.store import StoreUnreachable, connect, store_uri
 
 BUFFER = "mlflow_buffer.jsonl"
 """Journal of tracker calls made while the server was unreachable."""
-
-
-def tracking_uri(config: TrackingConfig | None, run_dir: Path) -> str:
-    """The store to use: `tracking.uri`, else MLFLOW_TRACKING_URI, else sqlite in the run directory."""
-    given = (config.uri if config else None) or os.environ.get("MLFLOW_TRACKING_URI")
-    return given or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
-
-
-_SET_HERE: set[str] = set()
-"""MLflow HTTP settings this process chose (a user's own environment values are left alone)."""
-
-
-def bound_retries(timeout_s: float) -> None:
-    """Keep MLflow's HTTP client from retrying for minutes (its defaults: 7 retries, 120 s each).
-
-    Reaching the server at all is bounded by `timeout_s` through `reachable`; once it answered, a request
-    may take longer (a model upload on a busy server), so each gets max(30 s, 3 x timeout_s) and 2 retries.
-    """
-    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(30, math.ceil(3 * timeout_s)))}
-    for key, value in wanted.items():
-        if key not in os.environ or key in _SET_HERE:
-            os.environ[key] = value
-            _SET_HERE.add(key)
-
-
-def reachable(uri: str, timeout_s: float) -> bool:
-    """Whether an http(s) tracking server answers within `timeout_s`; other stores count as reachable."""
-    if not uri.startswith(("http://", "https://")):
-        return True
-    import requests
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=max(0.2, min(left, 3.0)))
-            return True  # any HTTP answer means something listens; auth errors surface on real calls
-        except requests.RequestException:
-            if deadline - time.monotonic() <= 0.5:
-                return False
-            time.sleep(0.5)
-
-
-def prepare_sqlite(uri: str) -> None:
-    """Create a missing sqlite store from a cached empty one: MLflow's own schema migrations take ~10 s on disk."""
-    if not uri.startswith("sqlite:///"):
-        return
-    db = Path(uri[len("sqlite:///"):])
-    if db.exists():
-        return
-    import mlflow
-    from mlflow import MlflowClient
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distill"
-    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
-    if not template.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            MlflowClient(f"sqlite:///{tmp}/empty.db").search_experiments()  # runs the migrations
-            os.replace(Path(tmp) / "empty.db", template)
-    db.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(template, db)
 
 
 def system_tags() -> dict[str, str]:
@@ -132,7 +68,7 @@ class MlflowTracker(NullTracker):
     def __init__(self, config: TrackingConfig, run_dir: Path):
         self.config = config
         self.run_dir = Path(run_dir)
-        self.uri = tracking_uri(config, run_dir)
+        self.uri = store_uri(config.uri, run_dir)
         self.buffer: Path | None = None
         self.client = None
         self.parent: str | None = None
@@ -140,17 +76,14 @@ class MlflowTracker(NullTracker):
         self.stage_dir: Path | None = None
         self._pipeline_args: dict | None = None
         self._stage_args: dict | None = None
-        bound_retries(config.timeout_s)
-        problem = None if reachable(self.uri, config.timeout_s) else f"no answer within {config.timeout_s:g} s"
-        if problem is None:
-            try:
-                from mlflow import MlflowClient
-
-                prepare_sqlite(self.uri)
-                self.client = MlflowClient(self.uri)
-                self.experiment_id = self._experiment()
-            except Exception as err:  # noqa: BLE001 - a bad store (auth, permissions) reads like a dead one
-                problem, self.client = str(err).splitlines()[0][:300], None
+        problem = None
+        try:
+            self.client = connect(self.uri, config.timeout_s)
+            self.experiment_id = self._experiment()
+        except StoreUnreachable:
+            problem, self.client = f"no answer within {config.timeout_s:g} s", None
+        except Exception as err:  # noqa: BLE001 - a bad store (auth, permissions) reads like a dead one
+            problem, self.client = str(err).splitlines()[0][:300], None
         if problem is None:
             return
         if config.required:
@@ -280,8 +213,6 @@ class MlflowTracker(NullTracker):
         self._pipeline_args = {"name": name, "run_dir": str(run_dir), "config": config}  # after the replay's own
 
         def start():
-            from pipeline.runner import git_commit
-
             tags = {"distill.run_dir": str(Path(run_dir).resolve()), **system_tags()}
             if commit := git_commit():
                 tags["mlflow.source.git.commit"] = commit
@@ -339,8 +270,6 @@ class MlflowTracker(NullTracker):
         self.stage_run, self._stage_args = None, None
 
     def _finish(self, manifest: Manifest) -> None:
-        from pipeline.plots import log_stage_plots
-
         stage_dir = self.stage_dir
         run_id = self.stage_run
         self._log_metrics(manifest.metrics, None)
@@ -386,3 +315,11 @@ class MlflowTracker(NullTracker):
         """Tag the current stage's run."""
         self._call("set_tags", {"tags": tags},
                    lambda: self._current() and [self.client.set_tag(self._current(), k, str(v)) for k, v in tags.items()])
+
+    def model_registry(self):
+        """The store's model registry, bound to the current stage's run; ConfigError while offline."""
+        if self.client is None or self.stage_run is None:
+            return super().model_registry()
+        from pipeline.tracking.models import ModelRegistry
+
+        return ModelRegistry(self.client, self)

@@ -1,14 +1,12 @@
-"""Experiment tracking seam. The runner calls a Tracker; only rank zero ever gets a real one.
-
-`NullTracker` does nothing. The MLflow tracker (parent run per pipeline, nested run per stage) plugs in
-through `make_tracker`.
-"""
+"""The Tracker interface: what the runner and stages call. `NullTracker` implements it by doing nothing."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline.config import ConfigError
 
 
 @dataclass(kw_only=True)
@@ -58,11 +56,6 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         """Tag the current stage's run."""
 
-
-def make_tracker(config: TrackingConfig, run_dir: Path, is_main: bool):
-    """The tracker for this process: a real one on the main process when tracking is enabled."""
-    if not (config.enabled and is_main):
-        return NullTracker()
-    from pipeline.mlflow_tracker import MlflowTracker  # the MLflow dependency stays out of the hot import path
-
-    return MlflowTracker(config, run_dir)
+    def model_registry(self):
+        """The model registry of the store (`pipeline.tracking.models.ModelRegistry`); ConfigError without one."""
+        raise ConfigError("registering needs tracking.enabled: true and a reachable store")

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline import dist
+from pipeline.train import dist
 from pipeline.config import ConfigError
 from pipeline.world import World
 

@@ -1,0 +1,104 @@
+"""The one place that turns settings into a reachable MLflow client.
+
+Which store: a URI given explicitly (`tracking.uri`, `--tracking-uri`, `--run-dir`'s database), else
+`MLFLOW_TRACKING_URI`, else an embedded sqlite database in the run directory. Every user (the tracker,
+`runs:/`/`models:/` references, `distill promote`) goes through `store_uri` and `connect`, so the order is one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.config import ConfigError
+
+
+class StoreUnreachable(ConfigError):
+    """The tracking server did not answer in time."""
+
+
+def sqlite_uri(run_dir: Path) -> str:
+    """The embedded store of a run directory."""
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def store_uri(given: str | None, run_dir: Path | None) -> str:
+    """The store to use: `given`, else MLFLOW_TRACKING_URI, else sqlite in `run_dir`."""
+    uri = given or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if run_dir is None:
+        raise ConfigError("no tracking store: give --tracking-uri URI, --run-dir DIR or set MLFLOW_TRACKING_URI")
+    return sqlite_uri(run_dir)
+
+
+_SET_HERE: set[str] = set()
+"""MLflow HTTP settings this process chose (a user's own environment values are left alone)."""
+
+
+def bound_retries(timeout_s: float) -> None:
+    """Keep MLflow's HTTP client from retrying for minutes (its defaults: 7 retries, 120 s each).
+
+    Reaching the server at all is bounded by `timeout_s` through `reachable`; once it answered, a request
+    may take longer (a model upload on a busy server), so each gets max(30 s, 3 x timeout_s) and 2 retries.
+    """
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(30, math.ceil(3 * timeout_s)))}
+    for key, value in wanted.items():
+        if key not in os.environ or key in _SET_HERE:
+            os.environ[key] = value
+            _SET_HERE.add(key)
+
+
+def reachable(uri: str, timeout_s: float) -> bool:
+    """Whether an http(s) tracking server answers within `timeout_s`; other stores count as reachable."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=max(0.2, min(left, 3.0)))
+            return True  # any HTTP answer means something listens; auth errors surface on real calls
+        except requests.RequestException:
+            if deadline - time.monotonic() <= 0.5:
+                return False
+            time.sleep(0.5)
+
+
+def prepare_sqlite(uri: str) -> None:
+    """Create a missing sqlite store from a cached empty one: MLflow's own schema migrations take ~10 s on disk."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):])
+    if db.exists():
+        return
+    import mlflow
+    from mlflow import MlflowClient
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distill"
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    if not template.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            MlflowClient(f"sqlite:///{tmp}/empty.db").search_experiments()  # runs the migrations
+            os.replace(Path(tmp) / "empty.db", template)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, db)
+
+
+def connect(uri: str, timeout_s: float):
+    """An MlflowClient for `uri`, after bounding retries and probing a server; StoreUnreachable if it is silent."""
+    bound_retries(timeout_s)
+    if not reachable(uri, timeout_s):
+        raise StoreUnreachable(f"tracking server {uri}: no answer within {timeout_s:g} s")
+    from mlflow import MlflowClient
+
+    prepare_sqlite(uri)
+    return MlflowClient(uri)
