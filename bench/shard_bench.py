@@ -27,7 +27,7 @@ def _slice(out: Path, lines_per_file: int) -> list[str]:
 
 def _read_tokens(shard_dir: Path, pad_id: int, batch_size: int = 32) -> tuple[int, float]:
     """Tokens a trainer would get from one shuffled, verified epoch, collated into batches, and the seconds."""
-    from stages.corpus import CorpusReader, collate
+    from formats.corpus import CorpusReader, collate
 
     start = time.perf_counter()
     tokens, batch = 0, []

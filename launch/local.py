@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from launch.plan import Job, Plan
 from pipeline import log

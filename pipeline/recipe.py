@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import registry
-from pipeline.config import ConfigError, Sources, apply_overrides, build, load_yaml, to_dict
+from pipeline.config import (
+    ConfigError,
+    Sources,
+    apply_overrides,
+    build,
+    load_yaml,
+    to_dict,
+)
 from pipeline.tracking import TrackingConfig
 
 

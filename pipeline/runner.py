@@ -10,8 +10,14 @@ from pathlib import Path
 from pipeline import log
 from pipeline.config import ConfigError, config_hash, dump_yaml, to_dict
 from pipeline.context import ResolvedInput, RunContext
+from pipeline.manifest import (
+    MANIFEST,
+    Manifest,
+    ManifestError,
+    atomic_write_text,
+    manifest_sha256,
+)
 from pipeline.provenance import git_commit
-from pipeline.manifest import MANIFEST, Manifest, ManifestError, atomic_write_text, manifest_sha256
 from pipeline.recipe import Recipe, StageEntry
 from pipeline.refs import resolve_ref
 from pipeline.tracking import NullTracker, make_tracker

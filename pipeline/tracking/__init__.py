@@ -22,6 +22,8 @@ def make_tracker(config: TrackingConfig, run_dir: Path, is_main: bool):
     """The tracker for this process: a real one on the main process when tracking is enabled."""
     if not (config.enabled and is_main):
         return NullTracker()
-    from pipeline.tracking.mlflow_tracker import MlflowTracker  # the MLflow dependency stays out of the hot import path
+    from pipeline.tracking.mlflow_tracker import (
+        MlflowTracker,  # the MLflow dependency stays out of the hot import path
+    )
 
     return MlflowTracker(config, run_dir)

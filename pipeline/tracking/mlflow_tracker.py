@@ -23,7 +23,12 @@ from pipeline.config import ConfigError
 from pipeline.manifest import MANIFEST, Manifest, atomic_write_text, manifest_sha256
 from pipeline.provenance import git_commit
 from pipeline.tracking.base import NullTracker, TrackingConfig
-from pipeline.tracking.lineage import RUN_ID_FILE, input_tags, lineage_chain, read_run_id
+from pipeline.tracking.lineage import (
+    RUN_ID_FILE,
+    input_tags,
+    lineage_chain,
+    read_run_id,
+)
 from pipeline.tracking.plots import log_stage_plots
 from pipeline.tracking.store import StoreUnreachable, connect, store_uri
 

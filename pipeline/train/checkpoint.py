@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from pipeline import log
-from pipeline.train import dist
 from pipeline.config import ConfigError
 from pipeline.manifest import ManifestError, atomic_write_text, sha256_file
+from pipeline.train import dist
 from pipeline.world import World
 
 META = "meta.json"

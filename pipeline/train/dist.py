@@ -7,6 +7,7 @@ collectives below, which return their input unchanged when there is one process.
 from __future__ import annotations
 
 import os
+
 import torch
 import torch.distributed as dist
 
@@ -69,3 +70,12 @@ def shutdown() -> None:
     if dist.is_initialized():
         barrier()
         dist.destroy_process_group()
+
+
+def global_share(local: torch.Tensor) -> float:
+    """world_size * local / (sum of local over ranks): the weight that turns a rank's mean over its own units
+    into its part of the global mean (1.0 at world size 1; one all-reduce otherwise)."""
+    if not active():
+        return 1.0
+    total = all_reduce_sum(local.float()).item()
+    return float(local) * dist.get_world_size() / max(total, 1.0)

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.train import dist
 from pipeline.config import ConfigError
+from pipeline.train import dist
 from pipeline.world import World
 
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from formats.cache import CachedCorpus, check_provenance, read_cache_shard
 from pipeline.config import ConfigError
 from pipeline.inspect import verify_path
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
 from pipeline.world import World
-from stages.cache_format import CachedCorpus, check_provenance, read_cache_shard
 from tests.conftest import run_cli
 
 RECIPE = """
@@ -152,8 +152,8 @@ def test_teacher_with_another_vocab_is_refused(setup, tmp_path):
 
 
 def test_verify_catches_unsorted_rows(setup, tmp_path):
+    from formats.cache import CacheRecord, write_cache_shard
     from pipeline.manifest import sha256_file
-    from stages.cache_format import CacheRecord, write_cache_shard
 
     _, reference = setup
     stage = tmp_path / "cache"

@@ -12,7 +12,14 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.inspect import verify_path
 from pipeline.train.preempt import EXIT_PREEMPTED
-from tests.dist.general_inputs import build, fresh_run, run_cli, run_inprocess, student_weights, tiny_teacher
+from tests.dist.general_inputs import (
+    build,
+    fresh_run,
+    run_cli,
+    run_inprocess,
+    student_weights,
+    tiny_teacher,
+)
 
 
 @pytest.fixture(scope="module")

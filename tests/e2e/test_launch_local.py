@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 
-from tests.fixtures.toy_launch import local_reference, outputs, submit, submit_in_process, write_recipe  # noqa: F401
+from tests.fixtures.toy_launch import (  # noqa: F401
+    local_reference,
+    outputs,
+    submit,
+    submit_in_process,
+    write_recipe,
+)
 
 STAGES = ("items", "train")
 

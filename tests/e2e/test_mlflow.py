@@ -12,9 +12,9 @@ from mlflow import MlflowClient
 from pipeline import registry
 from pipeline.cli import main as distill
 from pipeline.config import ConfigError
-from pipeline.tracking.lineage import read_run_id, resolve_mlflow_uri
 from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
+from pipeline.tracking.lineage import read_run_id, resolve_mlflow_uri
 from tests.conftest import run_cli
 
 registry.register("toy_model", "tests.fixtures.toy_model")

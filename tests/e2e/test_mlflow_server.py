@@ -10,11 +10,11 @@ from mlflow import MlflowClient
 
 from pipeline.cli import main as distill
 from pipeline.config import ConfigError
-from pipeline.tracking.lineage import read_run_id
-from pipeline.tracking.mlflow_tracker import BUFFER, MlflowTracker
 from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
 from pipeline.tracking import TrackingConfig
+from pipeline.tracking.lineage import read_run_id
+from pipeline.tracking.mlflow_tracker import BUFFER, MlflowTracker
 from tests.e2e.test_mlflow import artifact_paths, runs_by_name, write_recipe
 from tests.fixtures.mlflow_server import free_port, mlflow_server
 

@@ -118,7 +118,7 @@ def test_teacher_is_fine_tuned_saved_and_reused_as_given(pipeline_run):
 
 
 def test_augmented_set_and_cached_teacher_outputs(pipeline_run):
-    from stages.augment import load_cache, verify
+    from formats.augmented import load_cache, verify
 
     _, _, run_dir = pipeline_run
     aug = manifest(run_dir, "augment")

@@ -7,11 +7,11 @@ import gzip
 import pytest
 import torch
 
+from formats.models import weights_sha256
 from pipeline.config import ConfigError
 from pipeline.manifest import Manifest
 from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
-from stages.teacher import weights_sha256
 from tests.conftest import SHARED_DATA
 
 RECIPE = """

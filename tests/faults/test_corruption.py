@@ -13,7 +13,13 @@ import shutil
 import pytest
 
 from pipeline.cli import main
-from tests.fixtures.faults import assert_same_tensors, copy_stages, flip_byte, model_tensors, truncate
+from tests.fixtures.faults import (
+    assert_same_tensors,
+    copy_stages,
+    flip_byte,
+    model_tensors,
+    truncate,
+)
 
 # What is damaged: (stage, which file, how), and the stage that reads it next.
 NEXT = {"shard": "cache", "cache": "general"}

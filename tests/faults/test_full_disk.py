@@ -11,7 +11,12 @@ import pytest
 
 from pipeline.cli import main
 from tests.fixtures.faults import (
-    assert_same_tensors, copy_stages, manifest_outputs, model_tensors, size_limited_dir, spawn_cli,
+    assert_same_tensors,
+    copy_stages,
+    manifest_outputs,
+    model_tensors,
+    size_limited_dir,
+    spawn_cli,
 )
 
 # stage -> (upstream stages copied in, room left for the stage's own files in bytes)

@@ -13,7 +13,13 @@ import signal
 import pytest
 
 from tests.fixtures.faults import (
-    KillPoint, assert_same_tensors, copy_stages, fault_seeds, manifest_outputs, model_tensors, run_and_kill,
+    KillPoint,
+    assert_same_tensors,
+    copy_stages,
+    fault_seeds,
+    manifest_outputs,
+    model_tensors,
+    run_and_kill,
     spawn_cli,
 )
 

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from stages.augment_core import (GloveTable, augment_sentences, banned_token_mask, make_variants, mlm_candidates,
-                                 split_words, word_pieces)
+from kd.augmentation import (
+    GloveTable,
+    augment_sentences,
+    banned_token_mask,
+    make_variants,
+    mlm_candidates,
+    split_words,
+    word_pieces,
+)
 
 WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "big", "red", "ran", "play", "fast", "slow", "film", "good"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "##ing", "##s"] + WORDS

@@ -27,8 +27,8 @@ def test_suite_combines_parts_and_reports_missing(monkeypatch, tmp_path, capsys)
 
 
 def test_bench_verb_is_wired_into_the_cli():
-    from pipeline.cli import _extra_commands, build_parser
     import pipeline.cli as cli
+    from pipeline.cli import _extra_commands, build_parser
 
     cli.COMMANDS[:] = _extra_commands()
     args = build_parser().parse_args(["bench", "--quick", "--out", "x.json"])

@@ -6,10 +6,18 @@ import numpy as np
 import pytest
 import torch
 
+from formats.cache import (
+    CacheRecord,
+    check_record,
+    encode_shard,
+    ids_dtype,
+    read_cache_shard,
+    read_header,
+    write_cache_shard,
+)
+from kd.teachers import teacher_targets
 from pipeline.manifest import ManifestError
-from stages.cache_format import (CacheRecord, check_record, encode_shard, ids_dtype, read_cache_shard,
-                                 read_header, write_cache_shard)
-from stages.teacher import _length_batches, teacher_targets
+from stages.cache.records import _length_batches
 
 VOCAB = 30522
 

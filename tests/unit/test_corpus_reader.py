@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from formats.corpus import (
+    CorpusReader,
+    collate,
+    global_order,
+    load_tokenizer,
+    read_shard,
+    shard_paths,
+)
 from pipeline.config import ConfigError
 from pipeline.manifest import ManifestError
 from pipeline.recipe import load_stage_file
 from pipeline.runner import run_recipe
-from stages.corpus import CorpusReader, collate, global_order, load_tokenizer, read_shard, shard_paths
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +149,9 @@ def test_verify_hook_decodes_shards_and_checks_the_tokenizer(shard_dir, tmp_path
     import json
     import shutil
 
+    from formats.corpus import write_shard
     from pipeline.inspect import verify_path
     from pipeline.manifest import sha256_file
-    from stages.shard_io import write_shard
 
     copy = tmp_path / "shard"
     shutil.copytree(shard_dir, copy)
@@ -171,7 +178,7 @@ def test_zstd_and_gzip_inputs(tmp_path):
 
     import zstandard
 
-    from stages.text_sources import documents, expand_inputs
+    from stages.shard.sources import documents, expand_inputs
 
     (tmp_path / "a.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(b"zst line one\nzst line two\n"))
     with gz.open(tmp_path / "b.txt.gz", "wt") as handle:

@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModel, BertConfig, BertForMaskedLM, BertModel, logging as hf_logging
+from transformers import AutoModel, BertConfig, BertForMaskedLM, BertModel
+from transformers import logging as hf_logging
 
+from kd.introspect import AttentionCapture
+from kd.losses import attention_mse
 from pipeline.assets import resolve_asset
-from stages.introspect import AttentionCapture
-from stages.losses import attention_mse
 
 hf_logging.set_verbosity_error()
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from stages import losses as L
+from kd import losses as L
 
 LN = math.log
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from kd.masking import Masker, MaskSpec, mask_sample, word_start_table
 from pipeline.assets import resolve_asset
-from stages.masking import MaskSpec, Masker, mask_sample, word_start_table
 
 CLS, SEP, PAD, MASK, VOCAB = 101, 102, 0, 103, 30522
 SPECIALS = np.array([PAD, 100, CLS, SEP, MASK])

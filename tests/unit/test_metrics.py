@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from stages import metrics
+from kd import metrics
 
 
 def test_accuracy_f1_mcc_by_hand():

@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.tracking.plots import loss_curves, teacher_student_pairs, teacher_vs_student
-from pipeline.tracking.promote import Gate, PromotionRefused, check_gates, evaluate, parse_gate
+from pipeline.tracking.plots import (
+    loss_curves,
+    teacher_student_pairs,
+    teacher_vs_student,
+)
+from pipeline.tracking.promote import (
+    Gate,
+    PromotionRefused,
+    check_gates,
+    evaluate,
+    parse_gate,
+)
 
 METRICS = {"dev_acc": 0.9, "teacher_dev_acc": 0.92, "dev_f1": 0.5, "latency_ms": 12.0, "teacher_latency_ms": 40.0}
 

@@ -10,10 +10,11 @@ import tarfile
 import numpy as np
 import pytest
 
+from formats.corpus import write_shard
 from pipeline.config import ConfigError, build
 from stages import shard
-from stages.shard_io import pack_pairs, pack_plain, write_shard
-from stages.text_sources import clean, doc_hash, documents, expand_inputs, split_of
+from stages.shard.packing import pack_pairs, pack_plain
+from stages.shard.sources import clean, doc_hash, documents, expand_inputs, split_of
 
 CLS, SEP = 101, 102
 
@@ -113,7 +114,7 @@ def test_sentencepiece_training_round_trips(tmp_path, shared_data):
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from stages.tokenizer_train import TrainTokenizer, _normalizer, train_sentencepiece
+    from stages.shard.tokenizer import TrainTokenizer, _normalizer, train_sentencepiece
 
     with gzip.open(shared_data / "corpus" / "wordnet_glosses.txt.gz", "rt") as handle:
         lines = [line.strip() for _, line in zip(range(700), handle)]

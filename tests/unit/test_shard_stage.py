@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
+from formats.corpus import CorpusReader, load_tokenizer, read_shard, shard_paths
 from pipeline.config import ConfigError
 from pipeline.recipe import load_stage_file
 from pipeline.runner import run_recipe
 from pipeline.world import World
-from stages.corpus import CorpusReader, load_tokenizer, read_shard, shard_paths
-from stages.text_sources import documents, expand_inputs
+from stages.shard.sources import documents, expand_inputs
 
 
 def write_config(path, **fields):

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig,
-                          BertForMaskedLM, logging as hf_logging)
+from transformers import (
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForMaskedLM,
+)
+from transformers import logging as hf_logging
 
+from kd.students import StudentConfig, build_student, student_layer_sources
 from pipeline.assets import resolve_asset
 from pipeline.config import ConfigError, build
-from stages.student import StudentConfig, build_student, student_layer_sources
 
 hf_logging.set_verbosity_error()
 

@@ -3,7 +3,7 @@
 from pathlib import Path
 from types import SimpleNamespace
 
-from stages.taskdata import TaskData, load_task, with_source
+from formats.taskdata import TaskData, load_task, with_source
 
 
 def test_paths_join_the_source_stage_folder(tmp_path):

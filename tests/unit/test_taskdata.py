@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from formats.taskdata import TaskData, encode, load_split, load_task, pad_batch
 from pipeline.config import ConfigError
-from stages.taskdata import TaskData, encode, load_split, load_task, pad_batch
 
 
 def test_sst2_tsv_with_limits(shared_data):
@@ -85,7 +85,7 @@ def minilm_tokenizer():
 def test_vocab_mismatch_is_refused(minilm_tokenizer, tmp_path):
     from transformers import BertTokenizerFast
 
-    from stages.taskdata import check_same_vocab
+    from formats.taskdata import check_same_vocab
 
     other = BertTokenizerFast(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "film"])})
     with pytest.raises(ConfigError, match="differs from the teacher tokenizer"):

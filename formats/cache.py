@@ -1,0 +1,317 @@
+"""Teacher-cache shards: one file per corpus shard holding, per masked position, the teacher's top-k.
+
+A shard file is
+    MAGIC | uint64 header length | header JSON | zstd(body)
+The header (uncompressed, so counts and keys read cheaply) lists the sample keys in corpus order, the
+number of masked positions per sample and the body's columns. The body is columnar: each column is the
+concatenation over samples, stored byte-plane-shuffled (all first bytes, then all second bytes, ...) because
+fp16 log-probabilities and uint16 ids compress far better that way. Bytes are a pure function of the
+records, so equal inputs give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import zstandard
+
+from pipeline.manifest import ManifestError, atomic_path
+
+MAGIC = b"DISTILL-CACHE-1\n"
+FORMAT_VERSION = 1
+SUFFIX = ".cache"
+"""Cache shard file suffix: `<teacher_id>/<corpus shard stem>.cache`."""
+
+
+@dataclass(frozen=True)
+class CacheRecord:
+    """The teacher's outputs for one sample, at its masked positions only."""
+
+    key: str
+    positions: np.ndarray
+    """int64 masked positions, ascending (the same as the student's masks)."""
+    topk_ids: np.ndarray
+    """[n_masked, k] token ids, the smallest unsigned type that holds the vocab."""
+    topk_logp: np.ndarray
+    """[n_masked, k] float16 log-probabilities, sorted descending along k."""
+    tail_logmass: np.ndarray
+    """[n_masked] float32: log of the probability mass outside the top-k."""
+    sampled_ids: np.ndarray | None = None
+    """[n_masked, s] distinct ids drawn from the teacher distribution, padded with id 0 and count 0."""
+    sampled_counts: np.ndarray | None = None
+    """[n_masked, s] how many of the s draws gave each id (rows sum to s)."""
+    cls_hidden: np.ndarray | None = None
+    """[layers + 1, hidden] float16 teacher [CLS] states (embeddings first), optional."""
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds ids below `vocab_size`."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def _shuffle(array: np.ndarray) -> bytes:
+    flat = np.ascontiguousarray(array).reshape(-1)
+    return flat.view(np.uint8).reshape(-1, flat.dtype.itemsize).T.tobytes()
+
+
+def _unshuffle(data: bytes, dtype: np.dtype, count: int) -> np.ndarray:
+    planes = np.frombuffer(data, dtype=np.uint8).reshape(dtype.itemsize, count)
+    return np.ascontiguousarray(planes.T).reshape(-1).view(dtype)
+
+
+def _columns(records: list[CacheRecord], vocab_size: int, max_seq_len: int) -> dict[str, np.ndarray]:
+    """Concatenate the records' arrays column by column, in storage dtypes."""
+    ids = ids_dtype(vocab_size)
+    cols = {
+        "positions": np.concatenate([r.positions for r in records]).astype(ids_dtype(max_seq_len)),
+        "topk_ids": np.concatenate([r.topk_ids for r in records]).astype(ids),
+        "topk_logp": np.concatenate([r.topk_logp for r in records]).astype(np.float16),
+        "tail_logmass": np.concatenate([r.tail_logmass for r in records]).astype(np.float32),
+    }
+    if records[0].sampled_ids is not None:
+        draws = records[0].sampled_ids.shape[1]
+        cols["sampled_ids"] = np.concatenate([r.sampled_ids for r in records]).astype(ids)
+        cols["sampled_counts"] = np.concatenate([r.sampled_counts for r in records]).astype(ids_dtype(draws + 1))
+    if records[0].cls_hidden is not None:
+        cols["cls_hidden"] = np.stack([r.cls_hidden for r in records]).astype(np.float16)
+    return cols
+
+
+def encode_shard(records: list[CacheRecord], *, vocab_size: int, max_seq_len: int, level: int = 3,
+                 stats: dict | None = None) -> bytes:
+    """The bytes of a cache shard holding `records` (in corpus order); `stats` (ints) go into the header."""
+    if not records:
+        raise ValueError("a cache shard needs at least one record")
+    cols = _columns(records, vocab_size, max_seq_len)
+    header = {
+        "format": FORMAT_VERSION,
+        "keys": [r.key for r in records],
+        "n_masked": [int(r.positions.size) for r in records],
+        "columns": [[name, a.dtype.str, list(a.shape[1:]), int(a.size)] for name, a in cols.items()],
+        "stats": stats or {},
+    }
+    body = b"".join(_shuffle(a) for a in cols.values())
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    packed = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(body)
+    return MAGIC + struct.pack("<Q", len(head)) + head + packed
+
+
+def write_cache_shard(path: Path, records: list[CacheRecord], **encode_kwargs) -> int:
+    """Write a cache shard atomically (temporary name, fsync, rename); return its size in bytes."""
+    data = encode_shard(records, **encode_kwargs)
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_bytes(data)
+    return len(data)
+
+
+def _split_header(data: bytes, path: Path) -> tuple[dict, int]:
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 8:
+        raise ManifestError(f"{path}: not a teacher-cache shard (bad magic); rerun the cache stage with --force")
+    (length,) = struct.unpack_from("<Q", data, len(MAGIC))
+    start = len(MAGIC) + 8
+    try:
+        header = json.loads(data[start:start + length])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ManifestError(f"{path}: corrupt cache-shard header; rerun the cache stage with --force") from None
+    if header.get("format") != FORMAT_VERSION:
+        raise ManifestError(f"{path}: cache format {header.get('format')} is not {FORMAT_VERSION}; rebuild the cache")
+    return header, start + length
+
+
+def read_header(path: Path) -> dict:
+    """The header of a cache shard: keys, n_masked per key, columns, stats."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(len(MAGIC) + 8)
+        if not prefix.startswith(MAGIC) or len(prefix) < len(MAGIC) + 8:
+            raise ManifestError(f"{path}: not a teacher-cache shard (bad magic); rerun the cache stage with --force")
+        (length,) = struct.unpack_from("<Q", prefix, len(MAGIC))
+        data = prefix + handle.read(length)
+    return _split_header(data, path)[0]
+
+
+def decode_shard(data: bytes, path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Header and columns (storage dtypes, shaped [rows, ...]) of a shard's bytes."""
+    header, start = _split_header(data, path)
+    try:
+        body = zstandard.ZstdDecompressor().decompress(data[start:])
+    except zstandard.ZstdError as err:
+        raise ManifestError(f"{path}: corrupt cache-shard body ({err}); rerun the cache stage with --force") from None
+    cols, offset = {}, 0
+    for name, dtype_str, tail, size in header["columns"]:
+        dtype = np.dtype(dtype_str)
+        nbytes = size * dtype.itemsize
+        if offset + nbytes > len(body):
+            raise ManifestError(f"{path}: cache-shard body is shorter than its header says (truncated)")
+        cols[name] = _unshuffle(body[offset:offset + nbytes], dtype, size).reshape(-1, *tail)
+        offset += nbytes
+    if offset != len(body):
+        raise ManifestError(f"{path}: cache-shard body is longer than its header says (altered)")
+    return header, cols
+
+
+def read_cache_shard(path: Path) -> Iterator[CacheRecord]:
+    """The records of a cache shard, in corpus order; positions come back as int64."""
+    path = Path(path)
+    header, cols = decode_shard(path.read_bytes(), path)
+    bounds = np.concatenate([[0], np.cumsum(header["n_masked"], dtype=np.int64)])
+    for i, key in enumerate(header["keys"]):
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        yield CacheRecord(
+            key=key,
+            positions=cols["positions"][lo:hi].astype(np.int64),
+            topk_ids=cols["topk_ids"][lo:hi],
+            topk_logp=cols["topk_logp"][lo:hi],
+            tail_logmass=cols["tail_logmass"][lo:hi],
+            sampled_ids=cols["sampled_ids"][lo:hi] if "sampled_ids" in cols else None,
+            sampled_counts=cols["sampled_counts"][lo:hi] if "sampled_counts" in cols else None,
+            cls_hidden=cols["cls_hidden"][i] if "cls_hidden" in cols else None,
+        )
+
+
+def check_record(record: CacheRecord, path: Path, vocab_size: int) -> None:
+    """Raise ManifestError unless the record's rows are sorted, finite and in range."""
+    logp = record.topk_logp.astype(np.float32)
+    where = f"{path}: sample {record.key!r}"
+    if not (np.isfinite(logp).all() and np.isfinite(record.tail_logmass).all()):
+        raise ManifestError(f"{where}: non-finite teacher log-probabilities; rebuild the cache")
+    if logp.size and (np.diff(logp, axis=1) > 0).any():
+        raise ManifestError(f"{where}: top-k rows are not sorted descending; rebuild the cache")
+    if (logp > 0).any() or (record.tail_logmass > 0).any():
+        raise ManifestError(f"{where}: log-probabilities above 0; rebuild the cache")
+    if record.positions.size and (np.diff(record.positions) <= 0).any():
+        raise ManifestError(f"{where}: masked positions are not strictly ascending; rebuild the cache")
+    if record.topk_ids.size and int(record.topk_ids.max()) >= vocab_size:
+        raise ManifestError(f"{where}: token id beyond the vocab ({vocab_size}); rebuild the cache")
+    if record.sampled_counts is not None:
+        sums = record.sampled_counts.astype(np.int64).sum(axis=1)
+        if sums.size and (sums != record.sampled_counts.shape[1]).any():
+            raise ManifestError(f"{where}: sampled counts do not sum to the number of draws; rebuild the cache")
+
+
+def _manifest_and_sha(where) -> tuple:
+    """(Manifest, sha256 of its manifest.json) from a Manifest object or a stage directory."""
+    import hashlib
+
+    from pipeline.manifest import Manifest
+
+    manifest = where if isinstance(where, Manifest) else Manifest.load(Path(where))
+    # manifest.json is exactly Manifest.to_json(), so hashing the text equals hashing the file.
+    return manifest, hashlib.sha256(manifest.to_json().encode()).hexdigest()
+
+
+def check_provenance(cache_manifest, corpus_manifest, *, tokenizer_sha256: str | None = None,
+                     teacher_id: str | None = None) -> None:
+    """Refuse (ConfigError) a cache built from another corpus, tokenizer or teacher than the ones given.
+
+    Both manifests may be Manifest objects or stage directories.
+    """
+    from pipeline.config import ConfigError
+
+    cache, _ = _manifest_and_sha(cache_manifest)
+    corpus, corpus_sha = _manifest_and_sha(corpus_manifest)
+    prov = cache.extra.get("provenance")
+    if cache.stage != "cache" or not isinstance(prov, dict):
+        raise ConfigError(f"cache {cache.name!r}: not a teacher-cache manifest (stage {cache.stage!r}); point at a cache stage")
+    # The tokenizer first: a corpus re-sharded with another tokenizer also has another manifest hash, and
+    # "another tokenizer" is the more useful of the two messages.
+    corpus_tok = corpus.extra.get("tokenizer_sha256")
+    for label, want in (("the corpus", corpus_tok), ("the given tokenizer", tokenizer_sha256)):
+        if want is not None and prov.get("tokenizer_sha256") != want:
+            raise ConfigError(f"cache {cache.name!r} used tokenizer {str(prov.get('tokenizer_sha256'))[:12]}, "
+                              f"{label} has {want[:12]}; rebuild the cache with the same tokenizer")
+    if prov.get("corpus_manifest_sha256") != corpus_sha:
+        raise ConfigError(f"cache {cache.name!r} was built from another corpus than {corpus.name!r} "
+                          "(corpus manifest hash differs); rebuild the cache on this corpus")
+    if teacher_id is not None and prov.get("teacher_id") != teacher_id:
+        raise ConfigError(f"cache {cache.name!r} holds teacher {prov.get('teacher_id')!r}, not {teacher_id!r}; "
+                          "point at the cache of that teacher")
+
+
+class CachedCorpus:
+    """Corpus samples joined by key with their masks and teacher-cache records, for a student to train on.
+
+    Reads corpus samples through `formats.corpus.CorpusReader` (shuffling, ranks and resume are its job),
+    re-creates each sample's mask from the cache manifest's `mask` block, and looks the record up by key.
+    A cache whose provenance does not match is refused before anything is read.
+    """
+
+    def __init__(self, corpus_dir: Path, cache_dir: Path, split: str = "train", *,
+                 tokenizer_sha256: str | None = None, teacher_id: str | None = None, **reader_kwargs):
+        from formats import corpus
+        from kd.masking import Masker, MaskSpec
+        from pipeline.manifest import Manifest
+
+        self.corpus_dir, self.cache_dir = Path(corpus_dir), Path(cache_dir)
+        self.manifest = Manifest.load(self.cache_dir)
+        check_provenance(self.manifest, self.corpus_dir, tokenizer_sha256=tokenizer_sha256, teacher_id=teacher_id)
+        split_info = self.manifest.extra["splits"].get(split)
+        if split_info is None:
+            from pipeline.config import ConfigError
+
+            raise ConfigError(f"cache {self.manifest.name!r} has no {split!r} split (has: {', '.join(self.manifest.extra['splits'])})")
+        self.spec = MaskSpec.from_dict(self.manifest.extra["mask"])
+        self.vocab_size = int(self.manifest.extra["provenance"]["teacher_vocab_size"])
+        self.masker = Masker(self.spec, corpus.load_tokenizer(self.corpus_dir) if self.spec.whole_word else None)
+        self.reader = corpus.CorpusReader(self.corpus_dir, split, **reader_kwargs)
+        self._where: dict[str, Path] = {}
+        smallest = None
+        for rel in split_info["shards"]:
+            keys = read_header(self.cache_dir / rel)["keys"]
+            smallest = len(keys) if smallest is None else min(smallest, len(keys))
+            for key in keys:
+                self._where[key] = self.cache_dir / rel
+        # Keep as many shards decoded as a shuffle buffer can span, so shuffled reads do not re-decode.
+        span = -(-int(reader_kwargs.get("shuffle_buffer", 1024)) // max(smallest or 1, 1)) + 2
+        self._capacity = max(4, span)
+        self._loaded: dict[Path, dict[str, CacheRecord]] = {}
+        self._hashes = {out.path: out.sha256 for out in self.manifest.outputs}
+        self._verified: set[Path] = set()
+
+    def record(self, key: str) -> CacheRecord:
+        """The cache record of one sample key (ManifestError when the cache lacks it)."""
+        path = self._where.get(key)
+        if path is None:
+            raise ManifestError(f"{self.cache_dir}: no cache record for sample {key!r} (cache and corpus differ)")
+        if path not in self._loaded:
+            self._check(path)
+            if len(self._loaded) >= self._capacity:
+                self._loaded.pop(next(iter(self._loaded)))
+            self._loaded[path] = {r.key: r for r in read_cache_shard(path)}
+        return self._loaded[path][key]
+
+    def _check(self, path: Path) -> None:
+        """Re-hash a shard against the cache manifest once before trusting it: a flipped byte may still decode."""
+        if path in self._verified:
+            return
+        from pipeline.manifest import sha256_file
+
+        if sha256_file(path) != self._hashes.get(path.relative_to(self.cache_dir).as_posix()):
+            raise ManifestError(f"{path}: does not match its sha256 in the cache manifest (altered or corrupt); "
+                                "rerun the cache stage with --force")
+        self._verified.add(path)
+
+    def __iter__(self) -> Iterator[tuple]:
+        for sample in self.reader:
+            masked = self.masker(sample)
+            record = self.record(sample.key)
+            if not np.array_equal(masked.positions, record.positions):
+                raise ManifestError(f"{self.cache_dir}: sample {sample.key!r}: cached mask positions differ from "
+                                    "the recomputed ones (mask settings or masking code changed); rebuild the cache")
+            yield masked, record
+
+    def state_dict(self) -> dict:
+        """The corpus reader's resumable state (the cache is looked up by key, so it needs none)."""
+        return self.reader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume where `state_dict` was taken."""
+        self.reader.load_state_dict(state)

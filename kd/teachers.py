@@ -1,0 +1,125 @@
+"""Teacher models: where a stage finds one, how it is loaded frozen, and its masked-LM outputs.
+
+A model role in a config has two fields, exactly one of which is set: `teacher` (an upstream stage such as
+"@teacher_adapt", whose model sits in `<stage>/model`) and `teacher_path` (a local or `pkg:` folder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""Teacher precisions a config may name."""
+
+
+def pick_device(name: str) -> torch.device:
+    """"auto" is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: no GPU visible here (use device: cpu or auto)")
+    return torch.device(name)
+
+
+def load_masked_lm(folder: Path, *, dtype: str = "fp32", device: str | torch.device = "cpu", frozen: bool = True):
+    """`AutoModelForMaskedLM` from a local folder (a missing MLM head is initialised); frozen and in eval mode."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # "newly initialised head" is expected for encoders
+    try:
+        model = transformers.AutoModelForMaskedLM.from_pretrained(
+            str(folder), dtype=DTYPES[dtype], attn_implementation="eager", use_safetensors=True)
+    except (OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{folder}: cannot load as a masked-LM teacher ({first})") from None
+    model.to(device)
+    if frozen:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def check_tokenizer(folder: Path, tokenizer: Any, model: Any) -> None:
+    """ConfigError when the teacher's own tokenizer (if it has one) or vocab size does not fit the corpus."""
+    if model.config.vocab_size < len(tokenizer):
+        raise ConfigError(f"{folder}: teacher vocab {model.config.vocab_size} < corpus tokenizer {len(tokenizer)}; "
+                          "shard the corpus with the teacher's tokenizer")
+    if (Path(folder) / "tokenizer.json").is_file() or (Path(folder) / "vocab.txt").is_file():
+        from transformers import AutoTokenizer
+
+        own = AutoTokenizer.from_pretrained(str(folder))
+        if own.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"{folder}: the teacher's tokenizer differs from the corpus tokenizer; "
+                              "shard the corpus with the teacher's tokenizer")
+
+
+def masked_lm_logits(model: Any, batch: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor,
+                     *, cls_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits [n, vocab] at (rows, cols) only, and optionally the [CLS] state of every layer [B, layers+1, H].
+
+    BERT-style models run the LM head on the masked positions alone (the head costs about as much as a
+    6-layer hidden-384 encoder over the whole vocab); other models fall back to full logits and a gather.
+    """
+    head = getattr(model, "cls", None)
+    if head is not None and getattr(model, "base_model", None) is not model:
+        out = model.base_model(**batch, output_hidden_states=cls_hidden)
+        logits = head(out.last_hidden_state[rows, cols])
+    else:
+        out = model(**batch, output_hidden_states=cls_hidden)
+        logits = out.logits[rows, cols]
+    states = torch.stack([h[:, 0] for h in out.hidden_states], dim=1) if cls_hidden else None
+    return logits, states
+
+
+def teacher_targets(logits: torch.Tensor, k: int, uniforms: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """What the cache keeps of logits [n, vocab]: top-k log-probs (fp16, descending) and ids, tail log-mass,
+    and with `uniforms` [n, s] in [0, 1) that many ids drawn from the softmax, as distinct ids with counts.
+
+    """
+    scores = logits.float()
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    top_scores, top_ids = scores.topk(k, dim=-1, sorted=True)
+    top_logp = top_scores - lse
+    out = {"topk_ids": top_ids.cpu().numpy(), "topk_logp": top_logp.cpu().numpy().astype(np.float16),
+           "tail_logmass": _tail_logmass(scores, lse, top_logp, top_ids)}
+    if uniforms is not None:
+        cdf = torch.exp(scores - lse).double().cumsum(dim=-1)
+        values = torch.from_numpy(uniforms).to(cdf.device) * cdf[:, -1:]
+        draws = torch.searchsorted(cdf, values).clamp_(max=scores.shape[-1] - 1).cpu().numpy()
+        out["sampled_ids"], out["sampled_counts"] = _distinct_with_counts(draws)
+    return out
+
+
+EXACT_TAIL_BELOW = 1e-3
+"""Tail mass under which 1 - sum(top-k) is too imprecise and the tail is summed directly."""
+
+
+def _tail_logmass(scores: torch.Tensor, lse: torch.Tensor, top_logp: torch.Tensor, top_ids: torch.Tensor) -> np.ndarray:
+    """log of the probability mass outside the top-k, to fp32 relative precision.
+
+    1 - sum(top-k) in fp64 is exact to ~1e-7 absolute (the error of the fp32 log-normaliser), which is
+    plenty unless the tail is tiny; only those rows pay a second pass over the vocab, summing the small
+    probabilities themselves.
+    """
+    tail = (1.0 - top_logp.double().exp().sum(dim=-1)).clamp_(min=0.0)
+    tiny = torch.nonzero(tail < EXACT_TAIL_BELOW).flatten()
+    if tiny.numel():
+        probs = torch.exp(scores[tiny] - lse[tiny]).scatter_(-1, top_ids[tiny], 0.0)
+        tail[tiny] = probs.sum(dim=-1).double()
+    return tail.clamp_(min=float(torch.finfo(torch.float32).tiny)).log().cpu().numpy().astype(np.float32)
+
+
+def _distinct_with_counts(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of draws [n, s] as ascending distinct ids [n, s] with counts, padded with id 0 and count 0."""
+    ids = np.zeros_like(draws)
+    counts = np.zeros(draws.shape, dtype=np.int64)
+    for row, values in enumerate(draws):
+        unique, count = np.unique(values, return_counts=True)
+        ids[row, :unique.size], counts[row, :unique.size] = unique, count
+    return ids, counts

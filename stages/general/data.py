@@ -1,0 +1,185 @@
+"""What the `general` stage reads: tokenizer, teacher, cache provenance, masked training batches, evaluation.
+
+Everything a user can get wrong (a cache from another tokenizer or teacher, cached targets the cache does
+not hold) is checked in `prepare`, before the student is built or any step runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from formats import corpus, models
+from kd import teachers
+from kd.masking import Masker, MaskSpec, mask_spec_from_corpus
+from pipeline.config import ConfigError
+from pipeline.train import dist
+from stages.general.config import Config
+
+
+@dataclass(kw_only=True)
+class Setup:
+    """Inputs resolved and checked once per run."""
+
+    corpus_dir: Path
+    corpus_extra: dict
+    tokenizer: Any
+    teacher_dir: Path
+    teacher: torch.nn.Module
+    online: bool
+    """True when the teacher runs every step (no cache, or a loss only it can give)."""
+    mask: MaskSpec
+    cache_dir: Path | None = None
+    cache_has_valid: bool = False
+
+
+def prepare(config: Config, ctx) -> Setup:
+    """Load and cross-check tokenizer, teacher and cache; ConfigError on any mismatch."""
+    corpus_dir = ctx.input_dir("corpus")
+    extra = ctx.input_manifest("corpus").extra
+    tokenizer = corpus.load_tokenizer(corpus_dir)
+    teacher_dir = models.upstream_model(ctx, config.teacher, config.teacher_path)
+    teacher = teachers.load_masked_lm(teacher_dir, dtype=config.teacher_dtype)
+    teachers.check_tokenizer(teacher_dir, tokenizer, teacher)
+    online = config.cache is None or bool(config.loss.online_only)
+    if config.cache is None:
+        spec = mask_spec_from_corpus(extra, tokenizer, mask_seed=config.mask_seed, rate=config.mask_rate,
+                                     whole_word=False)
+        return Setup(corpus_dir=corpus_dir, corpus_extra=extra, tokenizer=tokenizer, teacher_dir=teacher_dir,
+                     teacher=teacher, online=online, mask=spec)
+    from formats.cache import check_provenance
+
+    cache = ctx.input_manifest("cache")
+    check_provenance(cache, ctx.input_manifest("corpus"), tokenizer_sha256=extra.get("tokenizer_sha256"))
+    prov = cache.extra["provenance"]
+    if prov.get("teacher_sha256") != models.weights_sha256(teacher_dir):
+        raise ConfigError(f"cache {cache.name!r} holds teacher {prov.get('teacher_id')!r}, whose weights differ from "
+                          f"{teacher_dir}; point teacher/teacher_path at the cached teacher or rebuild the cache")
+    if config.cache_targets == "sampled" and not prov.get("sampled"):
+        raise ConfigError(f"cache {cache.name!r} has no sampled targets (sampled: 0); use cache_targets: topk "
+                          "or rebuild the cache with sampled > 0")
+    return Setup(corpus_dir=corpus_dir, corpus_extra=extra, tokenizer=tokenizer, teacher_dir=teacher_dir,
+                 teacher=teacher, online=online, mask=MaskSpec.from_dict(cache.extra["mask"]),
+                 cache_dir=ctx.input_dir("cache"), cache_has_valid="valid" in cache.extra["splits"])
+
+
+def _pad(rows: list[np.ndarray], value: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.from_numpy(np.asarray(row, dtype=np.int64))
+    return out
+
+
+def make_batch(pairs: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    """Tensors for a list of (MaskedSample, CacheRecord or None): masked inputs, positions, labels, targets."""
+    masked = [m for m, _ in pairs]
+    input_ids = _pad([m.input_ids for m in masked], pad_id)
+    lengths = torch.tensor([len(m.input_ids) for m in masked])
+    attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+    types = [m.token_type_ids if m.token_type_ids is not None else np.zeros(len(m.input_ids)) for m in masked]
+    rows = torch.cat([torch.full((len(m.positions),), i, dtype=torch.long) for i, m in enumerate(masked)])
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": _pad(types, 0),
+             "rows": rows, "cols": torch.from_numpy(np.concatenate([m.positions for m in masked])).long(),
+             "labels": torch.from_numpy(np.concatenate([m.labels for m in masked])).long()}
+    records = [r for _, r in pairs]
+    if records[0] is not None:
+        batch["topk_ids"] = torch.from_numpy(np.concatenate([r.topk_ids for r in records]).astype(np.int64))
+        batch["topk_logp"] = torch.from_numpy(np.concatenate([r.topk_logp for r in records]).astype(np.float32))
+        batch["tail_logmass"] = torch.from_numpy(np.concatenate([r.tail_logmass for r in records]).astype(np.float32))
+        if records[0].sampled_ids is not None:
+            batch["sampled_ids"] = torch.from_numpy(np.concatenate([r.sampled_ids for r in records]).astype(np.int64))
+            batch["sampled_counts"] = torch.from_numpy(np.concatenate([r.sampled_counts for r in records]).astype(np.float32))
+    return batch
+
+
+class TrainStream:
+    """This rank's micro-batches, forever, from the cache (joined by key) or the corpus masked on the fly."""
+
+    def __init__(self, config: Config, ctx, setup: Setup, micro: int, split: str = "train", *, shuffle: bool = True):
+        self.micro, self.pad_id = micro, int(setup.corpus_extra["pad_id"])
+        kwargs = dict(seed=ctx.seed, shuffle=shuffle, shuffle_buffer=config.shuffle_buffer, rank=ctx.world.rank,
+                      world_size=ctx.world.world_size, loop=True)
+        self.cached = setup.cache_dir is not None and (split == "train" or setup.cache_has_valid)
+        if self.cached:
+            from formats.cache import CachedCorpus
+
+            self.source = CachedCorpus(setup.corpus_dir, setup.cache_dir, split,
+                                       tokenizer_sha256=setup.corpus_extra.get("tokenizer_sha256"), **kwargs)
+        else:
+            self.source = corpus.CorpusReader(setup.corpus_dir, split, **kwargs)
+            self.masker = Masker(setup.mask, setup.tokenizer)
+        self._iter = None
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in one epoch of the split."""
+        reader = self.source.reader if self.cached else self.source
+        return reader.num_samples
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next micro-batch of this rank."""
+        if self._iter is None:
+            self._iter = iter(self.source)
+        pairs = []
+        for _ in range(self.micro):
+            item = next(self._iter)
+            pairs.append(item if self.cached else (self.masker(item), None))
+        return make_batch(pairs, self.pad_id)
+
+    def state_dict(self) -> dict:
+        """The reader's world-size-independent position."""
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (before the first batch is drawn)."""
+        self.source.load_state_dict(state)
+        self._iter = None
+
+
+@torch.no_grad()
+def evaluate(config: Config, ctx, engine, setup: Setup, micro: int) -> dict[str, float]:
+    """Student MLM loss/accuracy on the valid split, and its top-1 agreement and KL with the teacher.
+
+    Every rank runs the same number of batches (ZeRO-3 gathers weights collectively).
+    """
+    stream = TrainStream(config, ctx, setup, micro, "valid", shuffle=False)
+    batches = min(config.eval_batches, max(1, stream.num_samples // (micro * ctx.world.world_size)))
+    trainee = engine.module
+    trainee.eval()
+    sums = torch.zeros(6, dtype=torch.float64)  # masked, loss sum, correct, agree, teacher KL sum, teacher correct
+    for _ in range(batches):
+        batch = stream.next_batch()
+        logits, _ = engine.forward(**trainee.inputs(batch))
+        logits = logits.float()
+        t_logits = teacher_logits(setup.teacher, batch)
+        logp, t_logp = logits.log_softmax(-1), t_logits.log_softmax(-1)
+        sums += torch.tensor([
+            len(batch["labels"]), -logp.gather(-1, batch["labels"][:, None]).sum().item(),
+            (logits.argmax(-1) == batch["labels"]).sum().item(), (logits.argmax(-1) == t_logits.argmax(-1)).sum().item(),
+            (t_logp.exp() * (t_logp - logp)).sum().item(), (t_logits.argmax(-1) == batch["labels"]).sum().item()],
+            dtype=torch.float64)
+    trainee.train()
+    sums = dist.all_reduce_sum(sums)
+    n = max(sums[0].item(), 1.0)
+    return {"eval/mlm_loss": sums[1].item() / n, "eval/mlm_accuracy": sums[2].item() / n,
+            "eval/teacher_top1_agreement": sums[3].item() / n, "eval/teacher_kl": sums[4].item() / n,
+            "eval/teacher_mlm_accuracy": sums[5].item() / n,
+            "eval/masked_tokens": int(sums[0].item())}
+
+
+def teacher_forward(teacher, batch: dict[str, torch.Tensor], *, hidden: bool = False):
+    """The frozen teacher's logits at the masked positions and (optionally) all hidden states."""
+    with torch.no_grad():
+        out = teacher.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 token_type_ids=batch["token_type_ids"], output_hidden_states=hidden)
+        logits = teacher.cls(out.last_hidden_state[batch["rows"], batch["cols"]])
+    return logits.float(), (out.hidden_states if hidden else None)
+
+
+def teacher_logits(teacher, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The teacher's logits at the masked positions."""
+    return teacher_forward(teacher, batch)[0]

@@ -1,0 +1,141 @@
+"""The `general` stage's trainable module (student + projections), its loss plan, and the student export.
+
+`LossPlan.check` validates everything about the model pairing before compute: a layer map that does not
+fit, widths that differ without a projection, head counts the attention losses cannot pair.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from formats import models
+from kd import losses as L
+from kd import objectives
+from kd.introspect import AttentionCapture
+from kd.students import build_student
+from pipeline.config import ConfigError
+from pipeline.train import dist
+from stages.general.config import Config
+from stages.general.data import teacher_forward
+
+
+class Trainee(nn.Module):
+    """The student plus the learned projections student width -> teacher width (TinyBERT's W_e, W_h)."""
+
+    def __init__(self, student: nn.Module, teacher_width: int, projection: bool):
+        super().__init__()
+        self.student = student
+        width = student.config.hidden_size
+        self.proj_hidden = nn.Linear(width, teacher_width) if projection and width != teacher_width else None
+        self.proj_embed = nn.Linear(width, teacher_width) if projection and width != teacher_width else None
+
+    @classmethod
+    def build(cls, config: Config, teacher: nn.Module) -> "Trainee":
+        """The student from `config.student` (ValueError there is a ConfigError naming the key)."""
+        try:
+            student = build_student(config.student, teacher)
+        except ValueError as err:
+            raise ConfigError(f"student: {err}") from None
+        wants = config.loss.hidden or config.loss.embedding or config.loss.cosine
+        return cls(student, teacher.config.hidden_size, config.projection and bool(wants))
+
+    def inputs(self, batch: dict[str, torch.Tensor], hidden: bool = False) -> dict:
+        """Keyword arguments of `forward` from a batch."""
+        types = batch["token_type_ids"] if self.student.config.type_vocab_size > 1 else None
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "token_type_ids": types,
+                "rows": batch["rows"], "cols": batch["cols"], "hidden": hidden}
+
+    def forward(self, input_ids, attention_mask, token_type_ids, rows, cols, hidden: bool = False):
+        """Logits at the masked positions only (the LM head over every token would cost a full vocab
+        projection per token), and every hidden state when asked."""
+        out = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                      token_type_ids=token_type_ids, output_hidden_states=hidden)
+        logits = self.student.cls(out.last_hidden_state[rows, cols])
+        return logits, (out.hidden_states if hidden else None)
+
+
+def _project(layer: nn.Module | None, hidden: torch.Tensor) -> torch.Tensor:
+    return hidden if layer is None else layer(hidden)
+
+
+@dataclass
+class LossPlan:
+    """The enabled losses with their layer map; calling it runs one micro-batch and returns (loss, parts)."""
+
+    config: Config
+    layer_map: list[int]
+    student_heads: int
+    teacher_heads: int
+
+    @classmethod
+    def check(cls, config: Config, trainee: Trainee, teacher: nn.Module, *, online: bool) -> "LossPlan":
+        """Refuse pairings the losses cannot handle (ConfigError), before any step."""
+        weights, s_cfg, t_cfg = config.loss, trainee.student.config, teacher.config
+        layers: list[int] = []
+        if weights.hidden or weights.attention:  # only these losses pair layers
+            try:
+                layers = L.layer_map(config.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers,
+                                     config.layer_map_layers)
+            except ValueError as err:
+                raise ConfigError(f"layer_map: {err}") from None
+        widths_differ = s_cfg.hidden_size != t_cfg.hidden_size
+        for name in ("hidden", "embedding", "cosine"):
+            if getattr(weights, name) and widths_differ and trainee.proj_hidden is None:
+                raise ConfigError(f"loss.{name}: student width {s_cfg.hidden_size} != teacher width "
+                                  f"{t_cfg.hidden_size}; set projection: true or loss.{name}: 0")
+        heads_differ = s_cfg.num_attention_heads != t_cfg.num_attention_heads
+        for name in ("attention", "minilm_attention", "minilm_value"):
+            if getattr(weights, name) and heads_differ:
+                raise ConfigError(f"loss.{name}: student has {s_cfg.num_attention_heads} heads, teacher "
+                                  f"{t_cfg.num_attention_heads}; they must match (or set loss.{name}: 0)")
+        if weights.attention and 0 in layers:
+            raise ConfigError(f"loss.attention: layer map {layers} maps a student layer to the embeddings (0)")
+        return cls(config, layers, s_cfg.num_attention_heads, t_cfg.num_attention_heads)
+
+    def __call__(self, engine, batch: dict[str, torch.Tensor], setup) -> tuple[torch.Tensor, dict[str, float]]:
+        weights = objectives.enabled(self.config.loss)
+        need = objectives.needs(weights)
+        need_hidden, need_attn = "hidden" in need, "attention" in need
+        trainee = engine.module
+        t_logits = t_hidden = t_cap = None
+        if setup.online:
+            with AttentionCapture(setup.teacher, keep_qkv=True) if need_attn else nullcontext() as t_cap:
+                t_logits, t_hidden = teacher_forward(setup.teacher, batch, hidden=need_hidden)
+        with AttentionCapture(trainee.student, keep_qkv=True) if need_attn else nullcontext() as s_cap:
+            s_logits, s_hidden = engine.forward(**trainee.inputs(batch, need_hidden))
+        pair = objectives.Pair(
+            batch=batch, student_logits=s_logits, student_hidden=s_hidden, student_capture=s_cap,
+            teacher_logits=t_logits, teacher_hidden=t_hidden, teacher_capture=t_cap, layer_map=self.layer_map,
+            project_hidden=lambda h: _project(trainee.proj_hidden, h), project_embed=lambda h: _project(trainee.proj_embed, h),
+            student_heads=self.student_heads, teacher_heads=self.teacher_heads,
+            temperature=self.config.temperature, cache_targets=self.config.cache_targets)
+        # Each rank's mean counts its own units; weighting by its share of the global count makes the ranks'
+        # averaged gradient the gradient of the global mean (equal to one process on the same global batch).
+        shares = {"positions": dist.global_share(torch.tensor(len(batch["labels"])))}
+        shares["tokens"] = dist.global_share(batch["attention_mask"].sum()) if (need_hidden or need_attn) else 1.0
+        parts = {name: objectives.TERMS[name].fn(pair) for name in weights}
+        return objectives.weighted_sum(parts, weights, shares)
+
+
+def export(config: Config, ctx, engine, setup, metrics: dict, layer_map: list[int]):
+    """Save the student (HF, safetensors, with the corpus tokenizer) to `model/`; return the manifest."""
+    state = engine.state_dict_for_export()  # every rank: ZeRO-3 gathers collectively
+    student_cfg = engine.module.student.config
+    if ctx.world.rank == 0:
+        from transformers import BertForMaskedLM
+
+        weights = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+        model = BertForMaskedLM(student_cfg)
+        model.load_state_dict(weights, strict=True)
+        models.save_model(model, setup.tokenizer, ctx.stage_dir)
+    dist.barrier()
+    outputs = models.model_outputs(ctx.stage_dir)
+    extra = {"model_dir": models.MODEL_DIR, "student": json.loads(student_cfg.to_json_string()), "layer_map": layer_map,
+             "online_teacher": setup.online, "teacher_dir": str(setup.teacher_dir)}
+    clean = {k.replace("/", "_"): v for k, v in metrics.items()}
+    return ctx.manifest(config, outputs, clean, extra)

@@ -1,0 +1,90 @@
+"""The `task` stage's typed config: every field documented, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from formats.taskdata import (
+    TaskData,
+)
+from kd.students import StudentConfig
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Distil a student classifier from a fine-tuned teacher, then evaluate both side by side."""
+
+    data: TaskData = field(default_factory=TaskData)
+    """Task data: dev always; train unless `augmented` is given."""
+    teacher: str | None = field(default=None, metadata={"input": True})
+    """Fine-tuned teacher stage, e.g. `@teacher_finetune`."""
+    teacher_path: str | None = None
+    """Or a fine-tuned teacher classifier folder / pkg: path (exactly one of teacher, teacher_path)."""
+    student: str | None = field(default=None, metadata={"input": True})
+    """Student model stage (`@general`, or a `task` stage for TinyBERT's second step)."""
+    student_path: str | None = None
+    """Or a student folder / pkg: path; with neither, the student is built from the teacher's layers."""
+    student_init: StudentConfig = field(default_factory=lambda: StudentConfig(num_layers=4))
+    """How to build a student from the teacher's layers (used without student / student_path)."""
+    augmented: str | None = field(default=None, metadata={"input": True})
+    """`augment` stage whose examples (and cached teacher logits) replace the training set."""
+    objective: Literal["tinybert", "tinybert_intermediate", "tinybert_prediction", "pkd"] = "tinybert"
+    """What to train (see the module docstring)."""
+    intermediate_epochs: float = 10.0
+    """Epochs of TinyBERT step 1."""
+    prediction_epochs: float = 3.0
+    """Epochs of TinyBERT step 2, or of Patient KD."""
+    max_steps: int | None = None
+    """Cap on optimizer steps per phase (quick runs)."""
+    batch_size: int = 32
+    """Examples per step."""
+    lr: float = 5e-5
+    """Peak learning rate (linear warm-up for 10% of a phase, then linear decay)."""
+    temperature: float = 1.0
+    """Softmax temperature T of the soft cross-entropy."""
+    alpha: float = 0.5
+    """Patient KD: weight of the soft loss (the hard loss gets 1 - alpha)."""
+    beta: float = 100.0
+    """Patient KD: weight of the normalised [CLS] MSE."""
+    pkd_layers: Literal["skip", "last"] = "skip"
+    """Patient KD: PKD-skip (every N/M-th teacher layer) or PKD-last (the last M)."""
+    layer_map: Literal["uniform", "last", "skip"] = "uniform"
+    """TinyBERT step 1: teacher layer per student layer (g(m) = m N / M for uniform)."""
+    checkpoint_every: int = field(default=200, metadata={"hash": False})
+    """Save resumable training state every N steps."""
+    keep_last: int = field(default=2, metadata={"hash": False})
+    """Checkpoints kept."""
+    eval_batch_size: int = field(default=128, metadata={"hash": False})
+    """Examples per dev forward."""
+    latency_batch_size: int = 32
+    """Batch size of the inference-speed comparison."""
+    latency_seq_len: int = 64
+    """Sequence length of the inference-speed comparison."""
+    latency_repeats: int = field(default=10, metadata={"hash": False})
+    """Timed repeats per model (median reported)."""
+    threads: int | None = field(default=None, metadata={"hash": False})
+    """CPU threads for torch (None: torch's default)."""
+
+    def __post_init__(self):
+        if bool(self.teacher) == bool(self.teacher_path):
+            raise ValueError("give exactly one of teacher (e.g. '@teacher_finetune') or teacher_path")
+        if self.student and self.student_path:
+            raise ValueError("give student or student_path, not both")
+        if self.objective == "tinybert_prediction" and not self.augmented:
+            raise ValueError("objective tinybert_prediction reads cached teacher logits: set augmented: '@augment'")
+        for name in ("batch_size", "latency_batch_size", "latency_seq_len", "checkpoint_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise ValueError("temperature and lr must be > 0")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+    def phases(self) -> list[tuple[str, float]]:
+        """(phase, epochs) in training order."""
+        if self.objective == "tinybert":
+            return [("intermediate", self.intermediate_epochs), ("prediction", self.prediction_epochs)]
+        if self.objective == "tinybert_intermediate":
+            return [("intermediate", self.intermediate_epochs)]
+        return [(self.objective.replace("tinybert_", ""), self.prediction_epochs)]

