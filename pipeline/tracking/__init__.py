@@ -4,8 +4,9 @@
   store           the one place that turns a config or a URI into a reachable MLflow client
   mlflow_tracker  parent run per pipeline, nested run per stage, offline journal and replay
   lineage         stage outputs <-> MLflow runs; `runs:/` and `models:/` references
-  registry        model versions and aliases behind the Tracker (what the register stage uses)
-  promote         promotion gates, `distill promote`, `distill track replay`
+  models          model versions and aliases behind the Tracker (what the register stage uses)
+  promote         promotion gates and moving an alias
+  cli             `distill promote`, `distill track replay`
   plots           the PNGs logged beside the numbers
 """
 

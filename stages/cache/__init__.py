@@ -1,6 +1,6 @@
 """Stage `cache`: run a frozen teacher once over the sharded corpus and keep its masked-LM outputs on disk.
 
-Per masked position (masks fixed by `mask_seed` and the sample key, see masking.py) a shard stores the
+Per masked position (masks fixed by `mask_seed` and the sample key, see kd/masking.py) a shard stores the
 teacher's top-k log-probabilities and ids, the log of the mass outside the top-k and, as options, ids drawn
 from the teacher distribution with their counts (Anshumann et al. 2025, "Sparse logit sampling") and the
 [CLS] state of every layer. One cache shard per corpus shard, `<teacher_id>/<shard>.cache`.

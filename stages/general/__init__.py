@@ -6,7 +6,7 @@ sequence of 128 tokens from a hidden-768, 12-layer teacher holds 13 x 128 x 768 
 hidden states plus 12 x 12 x 128 x 128 x 2 B = 4.7 MB of attention scores, about 57 KB per token against
 ~0.2 KB per token for a top-32 logit cache: a 1B-token corpus would need 57 TB. So hidden, attention,
 cosine and MiniLM losses run the teacher online, loaded on every rank in eval mode with no grad (see
-pipeline/engine.py for the memory trade-off).
+pipeline/train/engine.py for the memory trade-off).
 
 Training goes through `pipeline.train.engine` (torch or DeepSpeed ZeRO 0-3) and checkpoints through
 `pipeline.train.checkpoint` (`resume: auto` continues from the newest complete `checkpoints/step-N/`).

@@ -33,7 +33,7 @@ from kd.metrics import compute, confusion_matrix, report_markdown
 from pipeline import log
 from pipeline.config import ConfigError
 from pipeline.manifest import OutputFile, atomic_write_text
-from stages.task import loop as task_loop
+from stages.task import loop
 
 LAUNCH = "single"
 OBJECTIVES = ("tinybert", "tinybert_intermediate", "tinybert_prediction", "pkd")
@@ -97,10 +97,10 @@ def run(config: Config, ctx):
     student_folder = _student_dir(config, ctx)
     if student_folder is not None:
         check_same_vocab(tokenizer, AutoTokenizer.from_pretrained(str(student_folder)), f"student {student_folder}")
-    student = task_loop.build_classifier(student_folder, config.student_init, teacher, num_labels)
+    student = loop.build_classifier(student_folder, config.student_init, teacher, num_labels)
     texts, labels, cached = _training_set(config, ctx, train, teacher_folder, train.label_names)
     ids, types = encode(tokenizer, texts, config.data.max_length)
-    counts = task_loop.train(config, ctx, student, teacher, (ids, types, labels), cached, tokenizer.pad_token_id,
+    counts = loop.train(config, ctx, student, teacher, (ids, types, labels), cached, tokenizer.pad_token_id,
                              regression=preset.regression)
     results = _evaluate(config, {"teacher": teacher, "student": student}, tokenizer, dev, preset, num_labels)
     t_score, s_score = results["teacher"]["dev"]["score"], results["student"]["dev"]["score"]

@@ -1,7 +1,7 @@
 """Stage `teacher_adapt`: give a teacher without an MLM head (a sentence encoder) one, so it can be cached from.
 
 Loads the encoder as `AutoModelForMaskedLM` (the head is newly initialised) and fits, on the shard stage's
-train split with masks from masking.py, either the head alone (default: the frozen encoder runs once per
+train split with masks from kd/masking.py, either the head alone (default: the frozen encoder runs once per
 batch without gradients, which is cheap on a CPU) or the whole model (continued MLM). Reports MLM accuracy
 on the valid split before and after, and saves the model with the corpus tokenizer in `model/`.
 """
