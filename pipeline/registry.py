@@ -59,7 +59,7 @@ class StageSpec:
 SECTIONS: dict[str, str] = {"launch": "launch.config:LaunchConfig"}
 """Recipe sections other subsystems own: key -> `module:Class` of the dataclass that validates the section."""
 
-COMMANDS: list[str] = ["launch.cli", "pipeline.tracking.cli", "bench.cli"]
+COMMANDS: list[str] = ["launch.cli", "pipeline.tracking.cli", "bench.cli", "publish.cli"]
 """Modules whose `add_parser(subparsers)` adds CLI verbs that live with their subsystem."""
 
 STATUS_COLUMNS = "launch.jobs:job_columns"

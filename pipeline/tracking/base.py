@@ -56,6 +56,11 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         """Tag the current stage's run."""
 
+    def log_model_run(self, role: str, model_dir: Path, metrics: dict[str, float], params: dict[str, Any]) -> None:
+        """Record a model the current stage measured but did not train (a task stage's teacher) as a run of its
+        own beside the stage's, with `metrics` and `params`, and the model (by reference when a tracked stage
+        logged it already)."""
+
     def model_registry(self):
         """The model registry of the store (`pipeline.tracking.models.ModelRegistry`); ConfigError without one."""
         raise ConfigError("registering needs tracking.enabled: true and a reachable store")

@@ -321,10 +321,56 @@ class MlflowTracker(NullTracker):
         self._call("set_tags", {"tags": tags},
                    lambda: self._current() and [self.client.set_tag(self._current(), k, str(v)) for k, v in tags.items()])
 
+    def log_model_run(self, role: str, model_dir: Path, metrics: dict[str, float], params: dict[str, Any],
+                      time_ms: int | None = None) -> None:
+        """A run `<stage>/<role>` under the pipeline's run: metrics, params, and the model, referenced when the
+        stage that saved it logged it into this store (tag `distill.model_uri`), else logged in full."""
+        stage, stage_run = (self._stage_args or {}).get("name", "stage"), self.stage_run
+
+        def send():
+            from mlflow.entities import Metric
+
+            tags = {"distill.role": role, "distill.compared_with": stage_run or "",
+                    "distill.model_path": str(Path(model_dir).resolve())}
+            if self.parent:
+                tags["mlflow.parentRunId"] = self.parent
+            run_id = self._reuse(f"{stage}/{role}", stage_run) or self.client.create_run(
+                self.experiment_id, run_name=f"{stage}/{role}", tags=tags).info.run_id
+            self._log_params(run_id, params)
+            stamp = time_ms or int(time.time() * 1000)
+            self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in _numeric(metrics).items()])
+            uri = self._model_uri(Path(model_dir))
+            if uri is None:  # a folder no tracked stage logged (e.g. teacher_path): log it here
+                uri = f"runs:/{run_id}/model"
+                self.client.log_artifacts(run_id, str(model_dir), "model")
+            self.client.set_tag(run_id, "distill.model_uri", uri)
+            self.client.set_terminated(run_id, "FINISHED")
+
+        self._call("log_model_run", {"role": role, "model_dir": str(model_dir), "metrics": _numeric(metrics),
+                                     "params": params}, send)
+
+    def _reuse(self, name: str, stage_run: str | None) -> str | None:
+        """The `<stage>/<role>` run an earlier attempt of this stage made, so a rerun does not add another."""
+        if not stage_run:
+            return None
+        found = self.client.search_runs([self.experiment_id], f"tags.`distill.compared_with` = '{stage_run}'")
+        return next((r.info.run_id for r in found if r.info.run_name == name), None)
+
+    def _model_uri(self, model_dir: Path) -> str | None:
+        """`runs:/ID/model` when the stage directory holding `model_dir` logged it into this store."""
+        upstream = read_run_id(model_dir.parent)
+        if not upstream:
+            return None
+        try:
+            logged = self.client.get_run(upstream).data.tags.get("distill.model_dir")
+        except Exception:  # noqa: BLE001 - a run id from another store
+            return None
+        return f"runs:/{upstream}/{logged}" if logged == model_dir.name else None
+
     def model_registry(self):
         """The store's model registry, bound to the current stage's run; ConfigError while offline."""
         if self.client is None or self.stage_run is None:
             return super().model_registry()
         from pipeline.tracking.models import ModelRegistry
 
-        return ModelRegistry(self.client, self)
+        return ModelRegistry(self.client, lambda: self.stage_run)

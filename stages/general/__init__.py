@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from formats import models
 from pipeline import log
 from pipeline.train import checkpoint, dist, preempt
 from pipeline.train.engine import build_engine, deepspeed_json
@@ -58,6 +59,8 @@ def run(config: Config, ctx):
     engine = build_engine(trainee, settings=settings, world=world)
     stream = data.TrainStream(config, ctx, setup, settings.micro_batch_size)
     ckpt_root = ctx.stage_dir / "checkpoints"
+    if world.rank == 0:  # what `distill export` needs to turn any step-N/ into a model folder
+        models.save_template(ckpt_root, trainee.student, setup.tokenizer)
     last = checkpoint.latest(ckpt_root) if config.resume == "auto" else None
     if last is not None:
         stream.load_state_dict(checkpoint.load(last, engine, world)["reader"])
@@ -85,12 +88,15 @@ def _train(config: Config, ctx, engine, stream, setup, losses, ckpt_root) -> dic
             rate = tokens / max(time.perf_counter() - started, 1e-9)
             log.info(f"step {step}/{config.max_steps} loss {parts['total']:.4f} lr {engine.lr:.2e} {rate:,.0f} tok/s")
             ctx.tracker.log_metrics({**last_loss, "train/lr": engine.lr, "train/tokens_per_s": rate}, step)
+        evals = {}
         if config.eval_every and step % config.eval_every == 0 and step < config.max_steps:
-            ctx.tracker.log_metrics(data.evaluate(config, ctx, engine, setup, stream.micro), step)
+            evals = data.evaluate(config, ctx, engine, setup, stream.micro)
+            ctx.tracker.log_metrics(evals, step)
         stop = _stop_requested(config, step)
         if stop or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            # The eval metrics of this step go with its checkpoint, so an exported one can pass promotion gates.
             checkpoint.save(ckpt_root, step, engine, {"reader": stream.state_dict(), "step": step}, world,
-                            keep_last=config.keep_last)
+                            keep_last=config.keep_last, meta={"metrics": {k.replace("/", "_"): v for k, v in evals.items()}})
         if stop:
             raise preempt.Preempted(f"stopped at step {step} of {config.max_steps}")
         _maybe_die(config, step)

@@ -132,10 +132,11 @@ def export(config: Config, ctx, engine, setup, metrics: dict, layer_map: list[in
         weights = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
         model = BertForMaskedLM(student_cfg)
         model.load_state_dict(weights, strict=True)
-        models.save_model(model, setup.tokenizer, ctx.stage_dir)
+    clean = {k.replace("/", "_"): v for k, v in metrics.items()}
+    if ctx.world.rank == 0:
+        models.save_model(model, setup.tokenizer, ctx.stage_dir, task="fill-mask", card=models.card(ctx, clean))
     dist.barrier()
     outputs = models.model_outputs(ctx.stage_dir)
     extra = {"model_dir": models.MODEL_DIR, "student": json.loads(student_cfg.to_json_string()), "layer_map": layer_map,
              "online_teacher": setup.online, "teacher_dir": str(setup.teacher_dir)}
-    clean = {k.replace("/", "_"): v for k, v in metrics.items()}
     return ctx.manifest(config, outputs, clean, extra)

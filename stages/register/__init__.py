@@ -1,19 +1,24 @@
 """Stage `register`: make a model-producing stage's output a version of a named model, then maybe promote it.
 
-The version points at the MLflow run that logged the model in full (the upstream stage's run when it was
-tracked; otherwise this stage logs the model into its own run) and carries the stage's metrics and its
-lineage back to the corpus. With `alias` set, the alias moves only when every `require` gate holds; a refusal
-is recorded (manifest, version tag, log line) and does not fail the stage, since the version itself is fine.
+The version's source is the MLflow Model in the run that logged the model in full (`runs:/RUN/model`: the
+upstream stage's run when it was tracked; otherwise this stage logs the model into its own run), so MLflow
+loads and serves `models:/NAME@ALIAS` itself. It carries the stage's metrics, its lineage back to the corpus,
+and this stage's run id (tag `distill.registered_by`): a rerun after a kill finds that version instead of
+creating a second one. With `alias` set, the alias moves only when every `require` gate holds; a refusal is
+recorded (manifest, version tag, log line) and does not fail the stage, since the version itself is fine.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 from pipeline import log
 from pipeline.config import ConfigError
 from pipeline.manifest import OutputFile, atomic_write_text
-from pipeline.tracking.lineage import lineage_chain
+from pipeline.tracking.lineage import lineage_chain, read_run_id
+from pipeline.tracking.models import version_tags
 from pipeline.tracking.promote import PromotionRefused
 
 LAUNCH = "single"
@@ -33,17 +38,19 @@ def run(config: Config, ctx):
         raise ConfigError(f"stages.{ctx.name}.model: {config.model!r} ({upstream.stage}) did not save a model "
                           "(no extra.model_dir in its manifest); point it at teacher_adapt, general, "
                           "teacher_finetune or task")
-    run_id = registry.source_run(ctx.input_dir("model"), model_dir)
     chain = lineage_chain(ctx.input_dir("model"))
-    tags = {
-        "distill.metrics": json.dumps(upstream.metrics, sort_keys=True),
-        "distill.manifest_sha256": ctx.inputs["model"].sha256,
-        "distill.stage": upstream.stage,
-        "distill.lineage": " <- ".join(f"{c['name']}({c['stage']})" for c in chain)[:5000],
-        "distill.lineage_runs": json.dumps([c["run_id"] for c in chain])[:5000],
-    }
-    version = registry.create_version(config.name, run_id, tags, config.description or None)
-    log.info(f"{ctx.name}: registered {config.name} version {version.version} from run {run_id}")
+    tags = version_tags(ctx.input_dir("model"))
+    # This stage's own run id survives a kill (its .mlflow_run_id), so a rerun finds the version it made.
+    key = f"run:{read_run_id(ctx.stage_dir)}"
+    version, created = registry.register(config.name, ctx.input_dir("model"), model_dir, key, tags,
+                                         config.description or None)
+    run_id = version.run_id
+    if created:
+        log.info(f"{ctx.name}: registered {config.name} version {version.version} from run {run_id}")
+    else:
+        log.info(f"{ctx.name}: {config.name} version {version.version} was registered by an earlier attempt")
+    if config.die_after_version:
+        os.kill(os.getpid(), signal.SIGKILL)
     record = {"name": config.name, "version": str(version.version), "run_id": run_id, "alias": config.alias,
               "promoted": False, "reason": "no alias requested", "lineage": chain}
     if config.alias:

@@ -78,6 +78,15 @@ def _evaluate(config: Config, models: dict, tokenizer, dev, preset, num_labels: 
     return out
 
 
+def _log_side_by_side(ctx, folder, results: dict, summary: dict) -> None:
+    """The teacher as its own run beside the student's, and both with dev scores, size and latency under the
+    same names (`dev_*`, `params`, `latency_ms`), so MLflow's run comparison shows them side by side."""
+    same = {name: {**{f"dev_{k}": v for k, v in results[name]["dev"].items()}, "params": results[name]["params"],
+                   "latency_ms": results[name]["latency_ms"]} for name in ("teacher", "student")}
+    ctx.tracker.log_metrics(same["student"])
+    ctx.tracker.log_model_run("teacher", folder, same["teacher"], {"role": "teacher", "task": summary["task"]})
+
+
 def run(config: Config, ctx):
     """Build teacher and student, train the objective's phases (resuming), evaluate, save and report."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -100,6 +109,8 @@ def run(config: Config, ctx):
     student = loop.build_classifier(student_folder, config.student_init, teacher, num_labels)
     texts, labels, cached = _training_set(config, ctx, train, teacher_folder, train.label_names)
     ids, types = encode(tokenizer, texts, config.data.max_length)
+    labels_out = None if preset.regression else train.label_names
+    models.save_template(ctx.stage_dir / loop.CKPT, student, tokenizer, labels=labels_out)
     counts = loop.train(config, ctx, student, teacher, (ids, types, labels), cached, tokenizer.pad_token_id,
                              regression=preset.regression)
     results = _evaluate(config, {"teacher": teacher, "student": student}, tokenizer, dev, preset, num_labels)
@@ -113,10 +124,6 @@ def run(config: Config, ctx):
     report = {"summary": summary, "teacher": results["teacher"], "student": results["student"]}
     log.info(f"task: teacher {t_score:.4f} student {s_score:.4f} share {summary['student_share_of_teacher']:.3f} "
              f"speedup {summary['speedup']:.2f}x")
-    outputs = models.save_model(student, tokenizer, ctx.stage_dir)
-    atomic_write_text(ctx.stage_dir / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
-    atomic_write_text(ctx.stage_dir / "report.md", report_markdown(report))
-    outputs += [OutputFile.of(ctx.stage_dir, "report.json"), OutputFile.of(ctx.stage_dir, "report.md")]
     metrics = {**summary, "teacher_dev_score": t_score, "student_dev_score": s_score,
                **{f"student_dev_{k}": v for k, v in results["student"]["dev"].items()},
                **{f"teacher_dev_{k}": v for k, v in results["teacher"]["dev"].items()},
@@ -124,6 +131,12 @@ def run(config: Config, ctx):
                "teacher_latency_ms": results["teacher"]["latency_ms"],
                "student_latency_ms": results["student"]["latency_ms"]}
     metrics = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict, str))}
+    outputs = models.save_model(student, tokenizer, ctx.stage_dir, labels=labels_out,
+                                examples=[t[0] for t in dev.texts[:3]], card=models.card(ctx, metrics))
+    atomic_write_text(ctx.stage_dir / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(ctx.stage_dir / "report.md", report_markdown(report))
+    outputs += [OutputFile.of(ctx.stage_dir, "report.json"), OutputFile.of(ctx.stage_dir, "report.md")]
+    _log_side_by_side(ctx, teacher_folder, results, summary)
     extra = {"model_dir": models.MODEL_DIR, "report": "report.json", "label_names": train.label_names,
              "confusion_matrix": {n: results[n].get("confusion_matrix") for n in results}}
     return ctx.manifest(config, outputs, metrics, extra)

@@ -190,7 +190,7 @@ def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, r
             if step % config.checkpoint_every == 0 or step == total:
                 checkpoint.save(root, global_step + step, engine,
                                 {"phase": index, "step": step, "global_step": global_step + step}, ctx.world,
-                                keep_last=config.keep_last)
+                                keep_last=config.keep_last, meta={"metrics": {f"{phase}_loss": loss.item()}})
             if step % 50 == 0 or step == total:
                 log.info(f"task: {phase} step {step}/{total} loss {loss.item():.4f}")
         global_step += total

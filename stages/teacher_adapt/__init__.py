@@ -129,9 +129,9 @@ def run(config: Config, ctx) -> Manifest:
     after = mlm_accuracy(model, eval_set, pad_id, device)
     log.info(f"teacher_adapt: MLM accuracy after {after:.4f} (before {before:.4f})")
 
-    outputs = models.save_model(model, tokenizer, ctx.stage_dir)
     metrics = {"mlm_accuracy_before": before, "mlm_accuracy_after": after, "final_loss": loss_value,
                "train_seconds": time.monotonic() - started, "eval_sequences": len(eval_set)}
+    outputs = models.save_model(model, tokenizer, ctx.stage_dir, task="fill-mask", card=models.card(ctx, metrics))
     extra_out = {"model_dir": models.MODEL_DIR, "source": str(config.teacher or config.teacher_path), "mode": config.mode,
                  "source_weights_sha256": models.weights_sha256(source)}
     return ctx.manifest(config, outputs, metrics, extra_out)

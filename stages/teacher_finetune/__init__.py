@@ -119,8 +119,9 @@ def run(config: Config, ctx):
         _, steps = train(model, config, train_enc, dev_enc, preset, tokenizer.pad_token_id, ctx.seed, ctx.tracker)
     scores, preds = evaluate(model, *dev_enc, tokenizer.pad_token_id, preset, config.eval_batch_size)
     log.info(f"teacher_finetune: dev {scores} after {steps} steps")
-    outputs = models.save_model(model, tokenizer, ctx.stage_dir)
     metrics = {**{f"dev_{k}": v for k, v in scores.items()}, "steps": steps, "train_examples": len(train_ex)}
+    outputs = models.save_model(model, tokenizer, ctx.stage_dir, labels=None if preset.regression else train_ex.label_names,
+                                examples=[t[0] for t in dev_ex.texts[:3]], card=models.card(ctx, metrics))
     extra = {"model_dir": models.MODEL_DIR, "task": config.data.task, "label_names": train_ex.label_names,
              "num_labels": num_labels, "regression": preset.regression, "finetuned_here": not config.finetuned}
     if not preset.regression:

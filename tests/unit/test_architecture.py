@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("pipeline", "kd", "formats", "stages", "launch", "bench")
+PACKAGES = ("pipeline", "kd", "formats", "stages", "launch", "bench", "publish")
 ALLOWED = {
     "pipeline": {"pipeline"},
     "kd": {"pipeline", "kd"},
@@ -21,6 +21,7 @@ ALLOWED = {
     "stages": {"pipeline", "kd", "formats", "stages"},
     "launch": {"pipeline", "launch"},
     "bench": {"pipeline", "kd", "formats", "stages", "bench"},
+    "publish": {"pipeline", "kd", "formats", "publish"},
 }
 """Top-level package -> the project packages its modules may import."""
 
