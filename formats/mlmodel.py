@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -130,11 +131,17 @@ def write(folder: Path, model: Any, tokenizer: Any, *, task: str, examples: list
     shutil.rmtree(staging, ignore_errors=True)
     was_training = model.training
     pipe = pipeline(task, model=model, tokenizer=tokenizer)
+    # MLflow looks the folder's name up as a Hub repo for a card and a license; a local folder has neither,
+    # and our card replaces Hub's, so its warnings about them would only mislead.
+    quiet = logging.getLogger("mlflow.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         mlflow.transformers.save_model(pipe, str(staging), input_example=list(examples or default_examples(task, tokenizer)),
                                        pip_requirements=requirements())
     finally:
         model.train(was_training)
+        quiet.setLevel(level)
     shutil.rmtree(staging / "model")  # MLflow's copy of the weights: the folder holds ours
     for path in staging.iterdir():
         target = folder / path.name

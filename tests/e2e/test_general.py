@@ -45,7 +45,20 @@ def test_from_cache_trains_evaluates_and_exports_hf_student(inputs, tmp_path):
     model = AutoModelForMaskedLM.from_pretrained(run_dir / "general" / "model")
     assert model.config.num_hidden_layers == 1
     assert AutoTokenizer.from_pretrained(run_dir / "general" / "model").mask_token == "[MASK]"
-    assert [p.name for p in sorted((run_dir / "general" / "checkpoints").iterdir())] == ["step-2", "step-4"]
+    assert [p.name for p in sorted((run_dir / "general" / "checkpoints").iterdir())] == ["model-template", "step-2", "step-4"]
+
+    # Any checkpoint exports to a model folder (fill-mask MLflow Model): the last one is the exported student,
+    # and an evaluation step's checkpoint carries that step's eval metrics for promotion gates.
+    from safetensors.torch import load_file
+
+    from pipeline.cli import main as distill
+
+    assert distill(["export", str(run_dir / "general"), "--checkpoint", "step-4", "--out", str(tmp_path / "x")]) == 0
+    final, exported = (load_file(str(d / "model" / "model.safetensors")) for d in (run_dir / "general", tmp_path / "x"))
+    assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
+    assert "task: fill-mask" in (tmp_path / "x" / "model" / "MLmodel").read_text()
+    meta = json.loads((run_dir / "general" / "checkpoints" / "step-2" / "meta.json").read_text())
+    assert 0 <= meta["metrics"]["eval_mlm_accuracy"] <= 1
 
 
 def test_online_teacher_every_loss_with_projection(inputs, tmp_path):
