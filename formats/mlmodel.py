@@ -137,8 +137,8 @@ def write(folder: Path, model: Any, tokenizer: Any, *, task: str, examples: list
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        mlflow.transformers.save_model(pipe, str(staging), input_example=list(examples or default_examples(task, tokenizer)),
-                                       pip_requirements=requirements())
+        example = list(examples or default_examples(task, tokenizer))
+        mlflow.transformers.save_model(pipe, str(staging), input_example=example, pip_requirements=requirements())
     finally:
         model.train(was_training)
         quiet.setLevel(level)
@@ -149,9 +149,16 @@ def write(folder: Path, model: Any, tokenizer: Any, *, task: str, examples: list
             shutil.rmtree(target)
         os.replace(path, target)
     staging.rmdir()
+    # MLflow's LICENSE.txt points at huggingface.co/<our local path>: wrong, and a path differs between runs.
+    (folder / "LICENSE.txt").unlink(missing_ok=True)
     spec = Model.load(str(folder)).to_dict()
     spec["flavors"]["transformers"]["model_binary"] = "."
+    spec["flavors"]["transformers"]["source_model_name"] = ""  # a local path, not a Hub repo: nothing to name
     spec["model_uuid"] = _model_uuid(folder)
+    # MLflow measured its staging folder (its weights copy, the license text); measure what is here, but the
+    # card and MLmodel (both written below).
+    spec["model_size_bytes"] = sum(f.stat().st_size for f in folder.rglob("*")
+                                   if f.is_file() and f.name not in (CARD, "MLmodel"))
     spec.pop("utc_time_created", None)  # a rerun of the same weights writes the same MLmodel
     (folder / "MLmodel").write_text(yaml.safe_dump(spec, sort_keys=True))
     (folder / CARD).write_text(card.markdown())

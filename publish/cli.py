@@ -75,8 +75,8 @@ def cmd_register(args) -> int:
 
     def own_run() -> str:  # a run for a folder no run of this store logged (an export, a copied stage)
         experiment = _experiment(client, Path(args.run_dir) if args.run_dir else None)
-        run_id = client.create_run(experiment, run_name=manifest.name,
-                                   tags={"distill.stage": manifest.stage, "distill.registered_from": str(folder.resolve())}).info.run_id
+        tags = {"distill.stage": manifest.stage, "distill.registered_from": str(folder.resolve())}
+        run_id = client.create_run(experiment, run_name=manifest.name, tags=tags).info.run_id
         client.log_artifact(run_id, str(folder / MANIFEST))
         atomic_write_text(folder / RUN_ID_FILE, run_id + "\n")
         client.log_artifact(run_id, str(folder / RUN_ID_FILE))
@@ -90,7 +90,8 @@ def cmd_register(args) -> int:
     for run_id in made:
         client.set_terminated(run_id, "FINISHED")
     said = "registered" if created else "already registered as"
-    print(f"{said} {args.name} version {version.version} (models:/{args.name}/{version.version}, source {version.source})")
+    print(f"{said} {args.name} version {version.version} "
+          f"(models:/{args.name}/{version.version}, source {version.source})")
     if args.alias:  # a refusal is a PromotionRefused: exit 2 with the failing gates, the version kept
         print(registry.promote(args.name, version, args.alias, args.require))
     return 0

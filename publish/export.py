@@ -79,7 +79,8 @@ def export(stage_dir: Path, step: str, out: Path) -> Manifest:
     manifest = Manifest(
         stage=STAGE, name=f"{stage_dir.name}@{step}", config_hash=config_hash(config), config=config,
         version=__version__, git_commit=git_commit(),
-        inputs=[InputRef(name=k, ref=ref, path=str(p.resolve()), sha256=manifest_sha256(p)) for k, (ref, p) in inputs.items()],
+        inputs=[InputRef(name=k, ref=ref, path=str(p.resolve()), sha256=manifest_sha256(p))
+                for k, (ref, p) in inputs.items()],
         outputs=outputs, metrics=metrics,
         extra={"model_dir": models.MODEL_DIR, "checkpoint": str(folder.resolve()), "label_names": labels},
         started=now(), finished=now())

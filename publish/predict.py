@@ -7,8 +7,8 @@ MODEL_URI is a model folder, a stage or export directory (its manifest's `extra.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from pipeline.config import ConfigError
 from pipeline.manifest import MANIFEST, Manifest

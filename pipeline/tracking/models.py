@@ -10,8 +10,9 @@ folder's manifest hash), so registering again after a kill finds that version in
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.manifest import MANIFEST, Manifest, manifest_sha256
 from pipeline.tracking.lineage import lineage_chain, read_run_id

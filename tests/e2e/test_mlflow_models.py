@@ -147,7 +147,14 @@ def test_served_champion_answers_invocations(run, store, tmp_path):
     _, run_dir, uri = run
     expected = our_labels(run_dir / "task/model", SENTENCES)
     port = free_port()
-    log = open(tmp_path / "serve.log", "w")
+    with open(tmp_path / "serve.log", "w") as log:
+        _serve_and_query(uri, port, log, tmp_path, expected)
+    with pytest.raises(requests.RequestException):  # stopped: nothing answers on that port any more
+        requests.get(f"http://127.0.0.1:{port}/ping", timeout=2)
+
+
+def _serve_and_query(uri, port, log, tmp_path, expected) -> None:
+    """Start `mlflow models serve` on the champion, wait for /ping, POST /invocations, stop it."""
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny-student@champion",
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
@@ -168,14 +175,24 @@ def test_served_champion_answers_invocations(run, store, tmp_path):
         assert answer.status_code == 200, answer.text
         assert [p["label"] for p in answer.json()["predictions"]] == expected
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
+        _stop_group(server)
+
+
+def _stop_group(server: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (mlflow and the uvicorn it started), SIGKILL what is left after 15 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        server.poll()
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+            os.killpg(server.pid, 0)  # raises once no process of the group is left
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
 
 
 def test_register_killed_after_its_version_reruns_to_one_version(run, store):

@@ -16,7 +16,11 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "t
 
 
 def tiny_classifier(labels: int = 2):
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertTokenizerFast,
+    )
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(
