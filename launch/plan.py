@@ -65,13 +65,6 @@ class Plan:
         return [self.launch.python, "-m", self.launch.entry_module, *self.distill_args(job, **paths)]
 
 
-def upstream(recipe: Recipe, name: str) -> list[str]:
-    """Stages of this recipe that stage `name` reads through `@name` inputs."""
-    entry = recipe.stages[name]
-    refs = [str(getattr(entry.config, f) or "") for f in entry.input_fields()]
-    return [r[1:] for r in refs if r.startswith("@") and r[1:] in recipe.stages]
-
-
 def build_plan(recipe: Recipe, run_dir: Path, stages: list[str] | None = None,
                launch: LaunchConfig | None = None) -> Plan:
     """One job per selected stage; dependencies only between selected stages (others must be done already)."""
@@ -90,7 +83,7 @@ def build_plan(recipe: Recipe, run_dir: Path, stages: list[str] | None = None,
             nodes=get("nodes") if kind == "distributed" else 1,
             procs_per_node=get("procs_per_node") if kind == "distributed" else 1,
             gpus_per_node=get("gpus_per_node"), cpus_per_task=get("cpus_per_task"), time_limit=get("time_limit"),
-            after=[u for u in upstream(recipe, name) if u in names],
+            after=[u for u in recipe.upstream(name) if u in names],
         ))
     run_dir = Path(run_dir).resolve()
     return Plan(run_name=recipe.run.name, run_dir=run_dir, recipe_path=run_dir / LAUNCH_DIR / "recipe.yaml",

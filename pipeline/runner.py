@@ -24,19 +24,16 @@ STARTED = ".started.json"
 def resolve_inputs(entry: StageEntry, run_dir: Path, recipe: Recipe) -> dict[str, ResolvedInput]:
     """Resolve each input field of a stage to a finished upstream output."""
     resolved = {}
-    for name in entry.input_fields():
-        ref = entry.input_ref(name)
-        if ref in (None, ""):
-            continue
+    for name, ref in entry.input_refs().items():
         try:
-            path = resolve_ref(str(ref), run_dir, recipe.tracking)
+            path = resolve_ref(ref, run_dir, recipe.tracking)
         except ConfigError as err:
             raise ConfigError(f"stages.{entry.name}.{name}: {err}") from None
         try:
             manifest = Manifest.load(path)
         except ManifestError as err:
             raise ConfigError(f"stages.{entry.name}.{name}: {err}") from None
-        resolved[name] = ResolvedInput(field=name, ref=str(ref), path=path, manifest=manifest, sha256=manifest_sha256(path))
+        resolved[name] = ResolvedInput(field=name, ref=ref, path=path, manifest=manifest, sha256=manifest_sha256(path))
     return resolved
 
 
