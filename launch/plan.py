@@ -35,6 +35,10 @@ class Job:
     gpus_per_node: int = 0
     cpus_per_task: int = 1
     time_limit: str = "24:00:00"
+    memory_per_task: str = "8Gi"
+    """Memory per process (Kubernetes)."""
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list = field(default_factory=list)
     after: list[str] = field(default_factory=list)
     """Stages of this plan that must finish first (from the stage's `@name` inputs)."""
 
@@ -83,6 +87,7 @@ def build_plan(recipe: Recipe, run_dir: Path, stages: list[str] | None = None,
             nodes=get("nodes") if kind == "distributed" else 1,
             procs_per_node=get("procs_per_node") if kind == "distributed" else 1,
             gpus_per_node=get("gpus_per_node"), cpus_per_task=get("cpus_per_task"), time_limit=get("time_limit"),
+            memory_per_task=get("memory_per_task"), node_selector=get("node_selector"), tolerations=get("tolerations"),
             after=[u for u in recipe.upstream(name) if u in names],
         ))
     run_dir = Path(run_dir).resolve()

@@ -10,6 +10,7 @@ import yaml
 from launch import local, slurm
 from launch.config import LaunchConfig, time_seconds
 from launch.jobs import job_columns, record_jobs
+from launch.ranks import wait_ranks
 from launch.plan import build_plan, dns_name, freeze_recipe
 from pipeline.config import ConfigError, config_hash
 from pipeline.recipe import load_recipe
@@ -195,5 +196,5 @@ def test_local_failed_rank_stops_the_others():
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     failing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     start = time.monotonic()
-    codes = local._wait_all([sleeper, failing])
+    codes = wait_ranks([sleeper, failing])
     assert codes[1] == 3 and codes[0] != 0 and time.monotonic() - start < 120
