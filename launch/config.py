@@ -120,7 +120,8 @@ class LaunchConfig:
     """Names of Secrets (kubernetes.io/dockerconfigjson) in the namespace for pulling a private image; the
     manifests carry only these names, never credentials."""
     stages: dict[str, StageLaunch] = field(default_factory=dict)
-    """Per-stage overrides by stage name, e.g. {general: {nodes: 4}}."""
+    """Per-stage overrides by stage name or stage type, e.g. {general: {nodes: 4}}; a shared launch file may name
+    stage types a recipe does not use."""
 
     def __post_init__(self):
         for name in ("nodes", "procs_per_node", "cpus_per_task", "workers"):
@@ -143,9 +144,9 @@ class LaunchConfig:
             if quantity_bytes(quantity) is None:
                 raise ValueError(f"{where} {quantity!r}: expected a Kubernetes quantity such as 16Gi or 512Mi")
 
-    def for_stage(self, name: str, key: str):
-        """The value of `key` for stage `name`: its override if set, else the section's."""
-        over = self.stages.get(name)
+    def for_stage(self, name: str, key: str, stage_type: str | None = None):
+        """The value of `key` for stage `name`: its override (by name, else by stage type) if set, else the section's."""
+        over = self.stages.get(name, self.stages.get(stage_type) if stage_type else None)
         value = getattr(over, key, None) if over is not None else None
         return getattr(self, key) if value is None else value
 

@@ -74,13 +74,16 @@ def build_plan(recipe: Recipe, run_dir: Path, stages: list[str] | None = None,
     """One job per selected stage; dependencies only between selected stages (others must be done already)."""
     launch = launch or recipe.launch
     names = recipe.select(stages)
-    unknown = [s for s in launch.stages if s not in recipe.stages]
+    from pipeline import registry
+
+    unknown = [s for s in launch.stages if s not in recipe.stages and s not in registry.STAGES]
     if unknown:
-        raise ConfigError(f"{recipe.source}: launch.stages.{unknown[0]}: no such stage in this recipe")
+        raise ConfigError(f"{recipe.source}: launch.stages.{unknown[0]}: no such stage in this recipe and no such "
+                          f"stage type (stages: {', '.join(recipe.stages)})")
     jobs = []
     for name in names:
         kind = recipe.stages[name].spec.launch
-        get = lambda key: launch.for_stage(name, key)  # noqa: E731 - per-stage override, else the section's
+        get = lambda key: launch.for_stage(name, key, recipe.stages[name].spec.name)  # noqa: E731 - override, else the section's
         jobs.append(Job(
             stage=name, kind=kind,
             workers=get("workers") if kind == "array" else 1,

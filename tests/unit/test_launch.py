@@ -198,3 +198,15 @@ def test_local_failed_rank_stops_the_others():
     start = time.monotonic()
     codes = wait_ranks([sleeper, failing])
     assert codes[1] == 3 and codes[0] != 0 and time.monotonic() - start < 120
+
+
+def test_overrides_by_stage_type_and_for_types_a_recipe_does_not_use(recipe, tmp_path):
+    from launch.config import StageLaunch
+
+    # A shared launch file names stage types: `toy_train` reaches the stage named `train`; `general` (a known
+    # type this recipe does not use) is ignored; a name that is neither stays an error (see above).
+    recipe.launch.stages = {"toy_train": StageLaunch(nodes=3), "general": StageLaunch(nodes=5)}
+    jobs = {j.stage: j for j in build_plan(recipe, tmp_path / "run").jobs}
+    assert jobs["train"].nodes == 3 and jobs["items"].nodes == 1
+    recipe.launch.stages["train"] = StageLaunch(nodes=2)  # the stage's own name wins over its type
+    assert {j.stage: j for j in build_plan(recipe, tmp_path / "run").jobs}["train"].nodes == 2
