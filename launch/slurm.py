@@ -155,3 +155,21 @@ def job_states(ids: list[str], env: dict | None = None) -> dict[str, str]:
                         for f in line.split() if f.startswith("JobState=")})
         states[job_id] = ",".join(found) or "unknown"
     return states
+
+
+def log_path(plan: Plan, job: Job, job_id: str) -> str:
+    """Where a submitted job's output goes (an array: one file per task, `_*`)."""
+    name = f"{job.stage}-{job_id}_*.out" if job.kind == "array" else f"{job.stage}-{job_id}.out"
+    return str(plan.run_dir / "launch" / "slurm" / name)
+
+
+def cancel(ids: list[str], env: dict | None = None) -> None:
+    """scancel the jobs (array jobs: every task); jobs that already ended are not an error."""
+    try:
+        done = subprocess.run(["scancel", *ids], capture_output=True, text=True, env=env, timeout=60)
+    except FileNotFoundError:
+        raise ConfigError("scancel not found: run `distill cancel` where Slurm's commands are (a login node)") from None
+    errors = [line for line in done.stderr.splitlines()
+              if line.strip() and "already completing or completed" not in line and "Invalid job id" not in line]
+    if done.returncode != 0 and errors:
+        raise ConfigError(f"scancel {' '.join(ids)} failed: {errors[0].strip()}")
