@@ -95,7 +95,7 @@ def cancel_run(run_dir: Path, *, k8s_api=None) -> list[str]:
     if slurm_ids:
         from launch.slurm import cancel
 
-        cancel(slurm_ids)  # one scancel for all: downstream jobs must not start in between
+        cancel(slurm_ids, run_dir)  # one scancel for all: downstream jobs must not start in between
     lines, cancelled = [], []
     for stage, entry in stages.items():
         backend = entry.get("backend")

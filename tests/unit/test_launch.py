@@ -134,6 +134,7 @@ def test_slurm_training_script(recipe, tmp_path):
     assert "RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID" in script
     assert "trap forward USR1 TERM" in script and 'if [ "$status" -eq 75 ] || ' in script
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert f'if [ -e {plan.run_dir}/launch/slurm/.cancelled-"$SLURM_JOB_ID" ]; then' in script  # distill cancel's mark
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
 
