@@ -73,16 +73,16 @@ def _slurm(plan, out: Path, dry_run: bool, record_jobs) -> int:
 
 
 def _k8s(recipe, plan, out: Path, dry_run: bool, record_jobs) -> int:
-    from launch import k8s
+    from launch import k8s, k8s_cluster
 
     files = k8s.write(recipe, plan, out)
-    if dry_run or not k8s.kubeconfig_present():
+    if dry_run or not k8s_cluster.kubeconfig_present():
         why = "dry run" if dry_run else "no kubeconfig found"
         print(f"wrote {len(files)} Kubernetes manifests to {out} ({why}: nothing submitted)")
         return 0
-    names = k8s.apply(files, plan.launch.namespace)
+    names = k8s_cluster.apply(files, plan.launch.namespace)
     record_jobs(plan.run_dir, "k8s", {j.stage: {"id": names[j.stage], "kind": j.kind,
-                                                "log": k8s.log_command(names[j.stage], plan.launch.namespace)}
+                                                "log": k8s_cluster.log_command(names[j.stage], plan.launch.namespace)}
                                       for j in plan.jobs}, namespace=plan.launch.namespace)
     for job in plan.jobs:
         print(f"{job.stage}: kubernetes {names[job.stage]}")

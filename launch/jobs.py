@@ -58,9 +58,9 @@ def live_states(record: dict) -> dict[str, str]:
         states.update({s: found.get(i, "unknown") for s, i in slurm_ids.items()})
     k8s_ids = {s: e["id"] for s, e in stages.items() if e.get("backend") == "k8s" and e.get("id")}
     if k8s_ids:
-        from launch import k8s
+        from launch import k8s_cluster
 
-        states.update(k8s.object_states(k8s_ids, record.get("namespace", "default")))
+        states.update(k8s_cluster.object_states(k8s_ids, record.get("namespace", "default")))
     return states
 
 
@@ -105,9 +105,9 @@ def cancel_run(run_dir: Path, *, k8s_api=None) -> list[str]:
             lines.append(f"{stage}: cancelled slurm job {entry['id']}")
             cancelled.append(stage)
         elif backend == "k8s":
-            from launch import k8s
+            from launch import k8s_cluster
 
-            deleted = k8s.delete_objects(entry["id"], record.get("namespace", "default"), api=k8s_api)
+            deleted = k8s_cluster.delete_objects(entry["id"], record.get("namespace", "default"), api=k8s_api)
             lines.append(f"{stage}: deleted {', '.join(deleted) or 'nothing (already gone)'}")
             cancelled.append(stage)
         else:

@@ -12,7 +12,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from launch import jobs, k8s
+from launch import jobs
+from launch import k8s_cluster as k8s
 
 NS = "kd"
 
