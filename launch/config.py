@@ -9,6 +9,28 @@ BACKENDS = ("slurm", "k8s", "local")
 
 
 @dataclass(kw_only=True)
+class Toleration:
+    """A Kubernetes toleration: lets pods run on nodes with a matching taint (e.g. dedicated GPU pools)."""
+
+    key: str | None = None
+    """Taint key; null with operator Exists tolerates every taint."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """Equal: the taint's value must equal `value`; Exists: any value."""
+    value: str | None = None
+    """Taint value (operator Equal)."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; null tolerates every effect."""
+    toleration_seconds: int | None = None
+    """NoExecute only: how long a pod stays on a node after the taint appears."""
+
+    def __post_init__(self):
+        if self.operator == "Exists" and self.value is not None:
+            raise ValueError(f"toleration {self.key!r}: operator Exists takes no value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError(f"toleration {self.key!r}: toleration_seconds needs effect NoExecute")
+
+
+@dataclass(kw_only=True)
 class StageLaunch:
     """Per-stage overrides of the cluster settings (unset fields keep the section's values)."""
 
@@ -24,6 +46,12 @@ class StageLaunch:
     """Tasks of this stage's array job."""
     time_limit: str | None = None
     """Wall-clock limit, Slurm syntax (HH:MM:SS or D-HH:MM:SS)."""
+    memory_per_task: str | None = None
+    """Memory per process, Kubernetes quantity (e.g. "16Gi")."""
+    node_selector: dict[str, str] | None = None
+    """Kubernetes node labels this stage's pods need (replaces the section's)."""
+    tolerations: list[Toleration] | None = None
+    """Kubernetes tolerations of this stage's pods (replace the section's)."""
 
 
 @dataclass(kw_only=True)
@@ -78,8 +106,22 @@ class LaunchConfig:
     """Training stages as a Kubeflow PyTorchJob, or an Indexed Job + headless Service for clusters without it."""
     service_account: str | None = None
     """Kubernetes service account of the pods."""
+    memory_per_task: str = "8Gi"
+    """Memory per process (per array task, per training rank), a Kubernetes quantity: pods request it and are
+    limited to it (times the ranks of a training pod). Slurm: add --mem to sbatch_args."""
+    shm_size: str = "2Gi"
+    """Size of the memory-backed /dev/shm of every pod (NCCL and DataLoader workers outgrow the 64 MB default);
+    it counts against the pod's memory, so it is added to the memory request."""
+    node_selector: dict[str, str] = field(default_factory=dict)
+    """Kubernetes node labels every pod needs, e.g. {nvidia.com/gpu.product: NVIDIA-A100-SXM4-80GB}."""
+    tolerations: list[Toleration] = field(default_factory=list)
+    """Kubernetes tolerations of every pod, e.g. [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]."""
+    image_pull_secrets: list[str] = field(default_factory=list)
+    """Names of Secrets (kubernetes.io/dockerconfigjson) in the namespace for pulling a private image; the
+    manifests carry only these names, never credentials."""
     stages: dict[str, StageLaunch] = field(default_factory=dict)
-    """Per-stage overrides by stage name, e.g. {general: {nodes: 4}}."""
+    """Per-stage overrides by stage name or stage type, e.g. {general: {nodes: 4}}; a shared launch file may name
+    stage types a recipe does not use."""
 
     def __post_init__(self):
         for name in ("nodes", "procs_per_node", "cpus_per_task", "workers"):
@@ -96,9 +138,15 @@ class LaunchConfig:
             if over.time_limit is not None and not _valid_time(over.time_limit):
                 raise ValueError(f"stages.{name}.time_limit {over.time_limit!r}: expected HH:MM:SS or D-HH:MM:SS")
 
-    def for_stage(self, name: str, key: str):
-        """The value of `key` for stage `name`: its override if set, else the section's."""
-        over = self.stages.get(name)
+        for where, quantity in [("memory_per_task", self.memory_per_task), ("shm_size", self.shm_size),
+                                *((f"stages.{n}.memory_per_task", o.memory_per_task) for n, o in self.stages.items()
+                                  if o.memory_per_task is not None)]:
+            if quantity_bytes(quantity) is None:
+                raise ValueError(f"{where} {quantity!r}: expected a Kubernetes quantity such as 16Gi or 512Mi")
+
+    def for_stage(self, name: str, key: str, stage_type: str | None = None):
+        """The value of `key` for stage `name`: its override (by name, else by stage type) if set, else the section's."""
+        over = self.stages.get(name, self.stages.get(stage_type) if stage_type else None)
         value = getattr(over, key, None) if over is not None else None
         return getattr(self, key) if value is None else value
 
@@ -119,3 +167,22 @@ def time_seconds(text: str) -> int:
         parts.insert(0, 0)
     hours, minutes, seconds = parts
     return int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def quantity_bytes(text: str) -> int | None:
+    """Bytes in a Kubernetes memory quantity ("16Gi", "512M", "1e9"), or None when it is not one."""
+    from kubernetes.utils import parse_quantity
+
+    try:
+        value = parse_quantity(text)
+    except (ValueError, TypeError):
+        return None
+    return int(value) if value > 0 else None
+
+
+def format_bytes(n: int) -> str:
+    """A byte count as the shortest exact Kubernetes quantity (Gi, Mi, Ki or plain bytes)."""
+    for unit, size in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)

@@ -13,9 +13,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 from launch.plan import Job, Plan
+from launch.ranks import combined_status, wait_ranks
 from pipeline import log
 from pipeline.config import ConfigError
 from pipeline.train.preempt import EXIT_PREEMPTED
@@ -43,17 +44,6 @@ def commands(plan: Plan, job: Job, port: int = 29500) -> list[tuple[list[str], d
     return [(cmd, {})]
 
 
-def _wait_all(procs: list[subprocess.Popen]) -> list[int]:
-    """Wait for every process; when one fails (not 0, not 75), stop the rest: they would wait on it forever."""
-    while None in [p.poll() for p in procs]:  # a list, not any(): every process must be polled
-        if any(p.returncode not in (None, 0, EXIT_PREEMPTED) for p in procs):
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-        time.sleep(0.2)
-    return [p.returncode for p in procs]
-
-
 def _run_once(plan: Plan, job: Job, attempt: int) -> int:
     logs = plan.run_dir / "launch" / "local"
     logs.mkdir(parents=True, exist_ok=True)
@@ -66,12 +56,10 @@ def _run_once(plan: Plan, job: Job, attempt: int) -> int:
         handle.flush()
         procs.append((subprocess.Popen(cmd, cwd=plan.launch.workdir or None, env={**env, **extra}, stdout=handle,
                                        stderr=subprocess.STDOUT), handle))
-    codes = _wait_all([proc for proc, _ in procs])
+    codes = wait_ranks([proc for proc, _ in procs])
     for _, handle in procs:
         handle.close()
-    # Preempted wins over success (someone must rerun), any failure wins over both.
-    failed = [c for c in codes if c not in (0, EXIT_PREEMPTED)]
-    return failed[0] if failed else (EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0)
+    return combined_status(codes)  # preempted wins over success (someone must rerun), a failure over both
 
 
 def run_plan(plan: Plan) -> dict[str, dict]:

@@ -35,6 +35,10 @@ class Job:
     gpus_per_node: int = 0
     cpus_per_task: int = 1
     time_limit: str = "24:00:00"
+    memory_per_task: str = "8Gi"
+    """Memory per process (Kubernetes)."""
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list = field(default_factory=list)
     after: list[str] = field(default_factory=list)
     """Stages of this plan that must finish first (from the stage's `@name` inputs)."""
 
@@ -65,32 +69,29 @@ class Plan:
         return [self.launch.python, "-m", self.launch.entry_module, *self.distill_args(job, **paths)]
 
 
-def upstream(recipe: Recipe, name: str) -> list[str]:
-    """Stages of this recipe that stage `name` reads through `@name` inputs."""
-    entry = recipe.stages[name]
-    refs = [str(getattr(entry.config, f) or "") for f in entry.input_fields()]
-    return [r[1:] for r in refs if r.startswith("@") and r[1:] in recipe.stages]
-
-
 def build_plan(recipe: Recipe, run_dir: Path, stages: list[str] | None = None,
                launch: LaunchConfig | None = None) -> Plan:
     """One job per selected stage; dependencies only between selected stages (others must be done already)."""
     launch = launch or recipe.launch
     names = recipe.select(stages)
-    unknown = [s for s in launch.stages if s not in recipe.stages]
+    from pipeline import registry
+
+    unknown = [s for s in launch.stages if s not in recipe.stages and s not in registry.STAGES]
     if unknown:
-        raise ConfigError(f"{recipe.source}: launch.stages.{unknown[0]}: no such stage in this recipe")
+        raise ConfigError(f"{recipe.source}: launch.stages.{unknown[0]}: no such stage in this recipe and no such "
+                          f"stage type (stages: {', '.join(recipe.stages)})")
     jobs = []
     for name in names:
         kind = recipe.stages[name].spec.launch
-        get = lambda key: launch.for_stage(name, key)  # noqa: E731 - per-stage override, else the section's
+        get = lambda key: launch.for_stage(name, key, recipe.stages[name].spec.name)  # noqa: E731 - override, else the section's
         jobs.append(Job(
             stage=name, kind=kind,
             workers=get("workers") if kind == "array" else 1,
             nodes=get("nodes") if kind == "distributed" else 1,
             procs_per_node=get("procs_per_node") if kind == "distributed" else 1,
             gpus_per_node=get("gpus_per_node"), cpus_per_task=get("cpus_per_task"), time_limit=get("time_limit"),
-            after=[u for u in upstream(recipe, name) if u in names],
+            memory_per_task=get("memory_per_task"), node_selector=get("node_selector"), tolerations=get("tolerations"),
+            after=[u for u in recipe.upstream(name) if u in names],
         ))
     run_dir = Path(run_dir).resolve()
     return Plan(run_name=recipe.run.name, run_dir=run_dir, recipe_path=run_dir / LAUNCH_DIR / "recipe.yaml",

@@ -41,6 +41,11 @@ while :; do signalled=0; wait "$step"; status=$?; [ "$signalled" = 1 ] && [ "$st
 
 # 75: the ranks checkpointed on the signal. Any other failure after a preemption signal (a rank still starting
 # up, before its handler was installed) is requeued too: it resumes from the last regular checkpoint.
+# `distill cancel` leaves a mark before it scancels (its SIGTERM looks like a preemption): then do not requeue.
+if [ -e {cancelled}"$SLURM_JOB_ID" ]; then
+    echo "distill: job $SLURM_JOB_ID cancelled by distill cancel (exit $status); not requeueing"
+    exit "$status"
+fi
 if [ "$status" -eq {preempted} ] || {{ [ "$preempting" = 1 ] && [ "$status" -ne 0 ]; }}; then
     echo "distill: preempted (exit $status); requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
@@ -91,8 +96,8 @@ def render(plan: Plan, job: Job) -> str:
         lines += [f"exec srun {command} \\",
                   f'    --worker "$SLURM_ARRAY_TASK_ID" --num-workers {job.workers}']
     elif job.kind == "distributed":
-        lines.append(TRAINING_BODY.format(wrapper=shlex.quote(RANK_WRAPPER), command=command,
-                                          preempted=EXIT_PREEMPTED).rstrip())
+        lines.append(TRAINING_BODY.format(wrapper=shlex.quote(RANK_WRAPPER), command=command, preempted=EXIT_PREEMPTED,
+                                          cancelled=shlex.quote(str(cancel_mark(plan.run_dir, "")))).rstrip())
     else:
         lines.append(f"exec srun {command}")
     return "\n".join(lines) + "\n"
@@ -155,3 +160,28 @@ def job_states(ids: list[str], env: dict | None = None) -> dict[str, str]:
                         for f in line.split() if f.startswith("JobState=")})
         states[job_id] = ",".join(found) or "unknown"
     return states
+
+
+def log_path(plan: Plan, job: Job, job_id: str) -> str:
+    """Where a submitted job's output goes (an array: one file per task, `_*`)."""
+    name = f"{job.stage}-{job_id}_*.out" if job.kind == "array" else f"{job.stage}-{job_id}.out"
+    return str(plan.run_dir / "launch" / "slurm" / name)
+
+
+def cancel_mark(run_dir: Path, job_id: str) -> Path:
+    """The file `distill cancel` writes before it scancels job `job_id`, so the job does not requeue itself."""
+    return Path(run_dir) / "launch" / "slurm" / f".cancelled-{job_id}"
+
+
+def cancel(ids: list[str], run_dir: Path, env: dict | None = None) -> None:
+    """scancel the jobs (array jobs: every task); jobs that already ended are not an error."""
+    for job_id in ids:
+        atomic_write_text(cancel_mark(run_dir, job_id), "")
+    try:
+        done = subprocess.run(["scancel", *ids], capture_output=True, text=True, env=env, timeout=60)
+    except FileNotFoundError:
+        raise ConfigError("scancel not found: run `distill cancel` where Slurm's commands are (a login node)") from None
+    errors = [line for line in done.stderr.splitlines()
+              if line.strip() and "already completing or completed" not in line and "Invalid job id" not in line]
+    if done.returncode != 0 and errors:
+        raise ConfigError(f"scancel {' '.join(ids)} failed: {errors[0].strip()}")

@@ -61,6 +61,14 @@ class StageEntry:
             node = getattr(node, part)
         return node
 
+    def input_refs(self) -> dict[str, str]:
+        """Input field -> reference, for every input field that is set: what this stage reads.
+
+        The one definition of a stage's inputs: the runner resolves these, the launchers chain jobs on them.
+        """
+        refs = {name: self.input_ref(name) for name in self.input_fields()}
+        return {name: str(ref) for name, ref in refs.items() if ref not in (None, "")}
+
 
 @dataclass(kw_only=True)
 class Recipe:
@@ -83,6 +91,11 @@ class Recipe:
         if unknown:
             raise ConfigError(f"{self.source}: --stages {','.join(unknown)}: not in this recipe (has: {', '.join(names)})")
         return [n for n in names if n in stages]
+
+    def upstream(self, name: str) -> list[str]:
+        """Stages of this recipe that stage `name` reads (its `@stage` inputs), in recipe order."""
+        reads = {ref[1:] for ref in self.stages[name].input_refs().values() if ref.startswith("@")}
+        return [s for s in self.stages if s in reads]
 
     def resolved(self) -> dict[str, Any]:
         """The fully resolved recipe as plain data (what `distill config` prints and the run dir keeps)."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import shutil
-import time
 from pathlib import Path
 
 from pipeline import log
@@ -25,24 +26,23 @@ from pipeline.world import World
 
 STARTED = ".started.json"
 """Marker a stage directory gets when work starts: the fingerprint it started with."""
+LOCK = ".lock"
+"""Lock file in a stage directory: the workers of an array take turns to check and write the start marker."""
 
 
 def resolve_inputs(entry: StageEntry, run_dir: Path, recipe: Recipe) -> dict[str, ResolvedInput]:
     """Resolve each input field of a stage to a finished upstream output."""
     resolved = {}
-    for name in entry.input_fields():
-        ref = entry.input_ref(name)
-        if ref in (None, ""):
-            continue
+    for name, ref in entry.input_refs().items():
         try:
-            path = resolve_ref(str(ref), run_dir, recipe.tracking)
+            path = resolve_ref(ref, run_dir, recipe.tracking)
         except ConfigError as err:
             raise ConfigError(f"stages.{entry.name}.{name}: {err}") from None
         try:
             manifest = Manifest.load(path)
         except ManifestError as err:
             raise ConfigError(f"stages.{entry.name}.{name}: {err}") from None
-        resolved[name] = ResolvedInput(field=name, ref=str(ref), path=path, manifest=manifest, sha256=manifest_sha256(path))
+        resolved[name] = ResolvedInput(field=name, ref=ref, path=path, manifest=manifest, sha256=manifest_sha256(path))
     return resolved
 
 
@@ -55,33 +55,45 @@ def _matches(manifest: Manifest, fp: dict) -> bool:
     return manifest.config_hash == fp["config_hash"] and {i.name: i.sha256 for i in manifest.inputs} == fp["inputs"]
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """Hold an exclusive POSIX lock on `path` (created if missing) for the block; other processes wait.
+
+    The kernel drops the lock when its holder dies, so a killed worker never leaves it held. POSIX (fcntl)
+    locks also work across the nodes of an NFS, CephFS or Lustre (-o flock) shared volume.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
 def _prepare_dir(stage_dir: Path, fp: dict, force: bool, world: World) -> None:
     """Make `stage_dir` hold only work started with this fingerprint: wipe it when it holds other work.
 
-    The main worker decides; other workers wait until the marker shows the same fingerprint.
+    Whichever worker of an array gets the lock first starts the stage (wipes stale work, writes the start
+    marker); the rest find the marker and join in, so the order in which a scheduler starts them does not
+    matter. `--force` makes the main worker wipe even a matching start; its other workers should start after
+    it (launchers never pass --force; deleting the stage directory is the order-free way to redo a stage).
     """
     marker = stage_dir / STARTED
-    if world.is_main:
-        stale = force
-        if marker.is_file():
-            try:
-                stale = stale or json.loads(marker.read_text()) != fp
-            except json.JSONDecodeError:
-                stale = True
-        elif stage_dir.exists() and any(stage_dir.iterdir()):
-            stale = True
-        if stale and stage_dir.exists():
-            log.info(f"{stage_dir.name}: clearing earlier output ({'--force' if force else 'config or inputs changed'})")
-            shutil.rmtree(stage_dir)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(marker, json.dumps(fp, sort_keys=True))
-        return
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if marker.is_file() and json.loads(marker.read_text() or "null") == fp:
+    with exclusive_lock(stage_dir / LOCK):
+        try:
+            started = json.loads(marker.read_text()) if marker.is_file() else None
+        except json.JSONDecodeError:
+            started = None
+        leftovers = [p for p in stage_dir.iterdir() if p.name != LOCK]
+        if started == fp and not (force and world.is_main):
             return
-        time.sleep(0.5)
-    raise RuntimeError(f"{stage_dir}: the main worker did not prepare this directory within 300 s")
+        if leftovers:
+            why = "--force" if force else ("config or inputs changed" if started else "unmarked earlier output")
+            log.info(f"{stage_dir.name}: clearing earlier output ({why})")
+            for path in leftovers:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        atomic_write_text(marker, json.dumps(fp, sort_keys=True))
 
 
 def run_stage(recipe: Recipe, name: str, run_dir: Path, *, world: World, force: bool = False, tracker=None):
@@ -99,10 +111,9 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path, *, world: World, force: 
         if existing is not None and _matches(existing, fp):
             log.info(f"{name}: done already (manifest matches config and inputs), skipping; --force redoes it")
             return existing
-    if world.is_main:
-        (stage_dir / MANIFEST).unlink(missing_ok=True)
+    (stage_dir / MANIFEST).unlink(missing_ok=True)  # stale (or --force): the stage is not done
     _prepare_dir(stage_dir, fp, force, world)
-    if world.is_main:
+    if world.rank == 0:  # every array worker writes the same file: whichever starts first leaves it
         dump_yaml({"stage": entry.spec.name, **to_dict(entry.config)}, stage_dir / "config.yaml")
     ctx = RunContext(
         run_dir=Path(run_dir), stage_dir=stage_dir, name=name, stage=entry.spec.name, world=world,
@@ -133,7 +144,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, stages: list[str] | None = None
     run_dir = Path(run_dir)
     names = recipe.select(stages)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if world.is_main:
+    if world.rank == 0:  # not only worker 0: `distill status` works as soon as any worker has started
         dump_yaml(recipe.resolved(), run_dir / "config.yaml")
     tracker = make_tracker(recipe.tracking, run_dir, world.is_main)
     tracker.start_pipeline(recipe.run.name, run_dir, recipe.resolved())

@@ -53,30 +53,44 @@ def _input_files(config: Config, ctx) -> list[Path]:
     return expand_inputs([str(base / pattern) for pattern in config.inputs])
 
 
-def _wait_for(path: Path, timeout_s: float) -> None:
+def _tokenizer_lock(stage_dir: Path, timeout_s: float):
+    """Take `.tokenizer.lock`, waiting while another worker holds it (it is saving or training the tokenizer).
+
+    Whichever worker starts first prepares `tokenizer/`; the lock dies with its holder, so a killed worker
+    never blocks the others, and start order does not matter.
+    """
+    import fcntl
+
+    handle = open(stage_dir / ".tokenizer.lock", "a")
     deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise ConfigError(f"{path}: worker 0 did not write the tokenizer within {timeout_s:.0f} s (is it running?)")
-        time.sleep(0.5)
+    while True:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle  # closing it releases the lock
+        except OSError:
+            if time.monotonic() > deadline:
+                handle.close()
+                raise ConfigError(f"{stage_dir}/.tokenizer.lock: another worker has been preparing the tokenizer "
+                                  f"for over {timeout_s:.0f} s (raise wait_timeout_s if training it takes longer)") from None
+            time.sleep(0.5)
 
 
 def prepare_tokenizer(config: Config, ctx, files: list[Path]):
-    """Load (or, on worker 0, train) the tokenizer and make sure `tokenizer/` holds it; return it loaded."""
+    """Load (or train) the tokenizer; the first worker to get here writes `tokenizer/`; return it loaded."""
     target = ctx.stage_dir / TOKENIZER_DIR
-    if config.tokenizer is not None:
-        tokenizer = load_tokenizer_from(resolve_asset(config.tokenizer), "tokenizer")
-        if ctx.world.is_main and not target.exists():
-            save_tokenizer_dir(tokenizer, target)
-        return tokenizer
-    if ctx.world.is_main and not target.exists():
-        log.info(f"training a SentencePiece tokenizer ({config.train_tokenizer.vocab_size} pieces)")
-        train_docs = (d.text for d in _documents(config, files) if d.split == "train")
-        tmp = target.parent / f".tmp-{TOKENIZER_DIR}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        train_sentencepiece(train_docs, config.train_tokenizer, tmp)
-        tmp.rename(target)
-    _wait_for(target, config.wait_timeout_s)
+    with _tokenizer_lock(ctx.stage_dir, config.wait_timeout_s):
+        if config.tokenizer is not None:
+            tokenizer = load_tokenizer_from(resolve_asset(config.tokenizer), "tokenizer")
+            if not target.exists():
+                save_tokenizer_dir(tokenizer, target)
+            return tokenizer
+        if not target.exists():
+            log.info(f"training a SentencePiece tokenizer ({config.train_tokenizer.vocab_size} pieces)")
+            train_docs = (d.text for d in _documents(config, files) if d.split == "train")
+            tmp = target.parent / f".tmp-{TOKENIZER_DIR}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            train_sentencepiece(train_docs, config.train_tokenizer, tmp)
+            tmp.rename(target)
     return load_tokenizer_from(target, "train_tokenizer")
 
 
@@ -191,7 +205,7 @@ def _manifest_if_complete(config, ctx, tokenizer, ids, counts, stats, docs_per_s
             records[name] = record
     tok_dir = ctx.stage_dir / TOKENIZER_DIR
     if not tok_dir.is_dir():
-        return None  # worker 0 saves it before its own shards and completes the stage then
+        return None  # written before any shard, so this cannot happen once every shard has its record
     outputs = [OutputFile.of(ctx.stage_dir, name, samples=r["samples"], tokens=r["tokens"]) for name, r in records.items()]
     outputs += [OutputFile.of(ctx.stage_dir, p.relative_to(ctx.stage_dir)) for p in sorted(tok_dir.rglob("*")) if p.is_file()]
     splits = {}

@@ -43,7 +43,7 @@ class Config:
     tokenize_batch: int = field(default=1024, metadata={"hash": False})
     """Documents per tokenizer call."""
     wait_timeout_s: float = field(default=600.0, metadata={"hash": False})
-    """How long other workers wait for worker 0 to train the tokenizer."""
+    """How long a worker waits while another one saves or trains the tokenizer."""
     kill_after_bytes: int | None = field(default=None, metadata={"hash": False})
     """Test hook: SIGKILL this process once it has written this many shard bytes (mid-shard)."""
 

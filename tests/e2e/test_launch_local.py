@@ -33,7 +33,8 @@ def test_local_backend_runs_the_plan(local_reference):  # noqa: F811
     status = submit("status", str(run_dir))
     assert status.returncode == 0
     rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:]}
-    assert "local:local" in rows["train"] and rows["train"].rstrip().endswith("COMPLETED")
+    assert rows["train"].split()[-3:] == ["local:local", "COMPLETED", str(run_dir / "launch" / "local" / "train.log")]
+    assert rows["items"].split()[-1] == str(run_dir / "launch" / "local" / "items-*.log")
 
 
 def test_local_preempted_stage_is_rerun_and_resumes(local_reference, tmp_path):  # noqa: F811

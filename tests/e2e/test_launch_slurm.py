@@ -60,5 +60,28 @@ def test_chained_jobs_survive_preemption_and_match_local_run(slurm_cluster, loca
 
     status = submit("status", str(run_dir), env=slurm_cluster.env)
     rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[1:]}
-    assert rows["train"][-2:] == [f"slurm:{ids['train']}", "COMPLETED"], status.stdout
-    assert rows["items"][-2:] == [f"slurm:{ids['items']}", "COMPLETED"], status.stdout
+    assert rows["train"][-3:] == [f"slurm:{ids['train']}", "COMPLETED", str(logs / f"train-{ids['train']}.out")]
+    assert rows["items"][-3:] == [f"slurm:{ids['items']}", "COMPLETED", str(logs / f"items-{ids['items']}_*.out")]
+
+
+def test_cancel_stops_unfinished_stages_and_leaves_finished_ones(slurm_cluster, local_reference, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    recipe = local_reference.parent / "recipe.yaml"
+    done = submit("submit", str(recipe), "--backend", "slurm", "--run-dir", str(run_dir),
+                  "--set", "stages.train.step_sleep=0.5", env=slurm_cluster.env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ids = _job_ids(done.stdout)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "train" / ".started.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (run_dir / "items" / "manifest.json").is_file() and slurm_cluster.job_state(ids["train"]) == "RUNNING"
+    before = outputs(run_dir, "items")
+    cancel = submit("cancel", str(run_dir), env=slurm_cluster.env)
+    assert cancel.returncode == 0, cancel.stderr
+    assert cancel.stdout.splitlines() == ["items: finished, left as it is", f"train: cancelled slurm job {ids['train']}"]
+    states = slurm_cluster.wait(list(ids.values()), timeout=60)
+    assert states == {ids["items"]: "COMPLETED", ids["train"]: "CANCELLED"}
+    assert outputs(run_dir, "items") == before and not (run_dir / "train" / "manifest.json").exists()
+    status = submit("status", str(run_dir), env=slurm_cluster.env)
+    rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[1:]}
+    assert rows["train"][-3:-1] == [f"slurm:{ids['train']}", "CANCELLED"], status.stdout

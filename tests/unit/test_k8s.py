@@ -94,7 +94,8 @@ def test_array_stage_is_an_indexed_job(recipe, tmp_path):
     assert container["image"] == "registry.example/distill:0.1"
     assert container["command"] == ["python", "-m", "pipeline.cli", "run", "/etc/distill/recipe.yaml", "--stages",
                                     "items", "--run-dir", "/mnt/distill/runs/Toy_Run", "--num-workers", "3"]
-    assert container["resources"] == {"requests": {"cpu": "2"}, "limits": {"nvidia.com/gpu": "4"}}
+    amounts = {"cpu": "2", "memory": "10Gi", "nvidia.com/gpu": "4"}  # 8Gi per task + 2Gi of /dev/shm (defaults)
+    assert container["resources"] == {"requests": amounts, "limits": amounts}
     assert {"name": "HF_HOME", "value": "/mnt/distill/hf"} in container["env"]
     assert pod["volumes"][0] == {"name": "runs", "persistentVolumeClaim": {"claimName": "kd-runs"}}
     assert pod["volumes"][1] == {"name": "recipe", "configMap": {"name": "distill-toy-run-recipe"}}
@@ -133,10 +134,11 @@ def test_pytorchjob_from_sdk_models_field_by_field(recipe, tmp_path):
     assert master.restart_policy == worker.restart_policy == "OnFailure"
     assert spec.run_policy.clean_pod_policy == "None" and spec.run_policy.active_deadline_seconds == 86400
     container = master.template.spec.containers[0]
-    assert container.command == ["python", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "4",
-                                 "-m", "pipeline.cli", "run", "/etc/distill/recipe.yaml", "--stages", "train",
+    assert container.command == ["python", "-m", "launch.ranks", "--nnodes", "2", "--nproc-per-node", "4", "--",
+                                 "python", "-m", "pipeline.cli", "run", "/etc/distill/recipe.yaml", "--stages", "train",
                                  "--run-dir", "/mnt/distill/runs/Toy_Run"]
-    assert container.resources.requests == {"cpu": "8"} and container.resources.limits == {"nvidia.com/gpu": "4"}
+    amounts = {"cpu": "8", "memory": "34Gi", "nvidia.com/gpu": "4"}  # 4 ranks x (2 CPUs, 8Gi) + 2Gi of /dev/shm
+    assert container.resources.requests == amounts and container.resources.limits == amounts
     assert master.template.spec.termination_grace_period_seconds == 120
     assert master.template.spec.init_containers[0].name == "wait-upstream"
     assert [v.persistent_volume_claim.claim_name for v in master.template.spec.volumes[:1]] == ["kd-runs"]
@@ -158,10 +160,10 @@ def test_indexed_training_job_and_headless_service(recipe, tmp_path):
     assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 2)
     pod = job["spec"]["template"]["spec"]
     assert pod["subdomain"] == service["metadata"]["name"] == "distill-toy-run-train"
-    script = pod["containers"][0]["command"][2]
-    assert "--node_rank $JOB_COMPLETION_INDEX" in script
-    assert "--master_addr distill-toy-run-train-0.distill-toy-run-train.kd.svc --master_port 29500" in script
-    assert "--nnodes 2 --nproc_per_node 4" in script
+    command = pod["containers"][0]["command"]
+    assert command[:command.index("--")] == [
+        "python", "-m", "launch.ranks", "--nnodes", "2", "--nproc-per-node", "4",
+        "--master-addr", "distill-toy-run-train-0.distill-toy-run-train.kd.svc", "--master-port", "29500"]
 
 
 def test_submit_k8s_without_kubeconfig_only_writes(tmp_path, capsys, monkeypatch):

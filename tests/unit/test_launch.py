@@ -10,6 +10,7 @@ import yaml
 from launch import local, slurm
 from launch.config import LaunchConfig, time_seconds
 from launch.jobs import job_columns, record_jobs
+from launch.ranks import wait_ranks
 from launch.plan import build_plan, dns_name, freeze_recipe
 from pipeline.config import ConfigError, config_hash
 from pipeline.recipe import load_recipe
@@ -133,6 +134,7 @@ def test_slurm_training_script(recipe, tmp_path):
     assert "RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID" in script
     assert "trap forward USR1 TERM" in script and 'if [ "$status" -eq 75 ] || ' in script
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert f'if [ -e {plan.run_dir}/launch/slurm/.cancelled-"$SLURM_JOB_ID" ]; then' in script  # distill cancel's mark
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
 
@@ -195,5 +197,17 @@ def test_local_failed_rank_stops_the_others():
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     failing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     start = time.monotonic()
-    codes = local._wait_all([sleeper, failing])
+    codes = wait_ranks([sleeper, failing])
     assert codes[1] == 3 and codes[0] != 0 and time.monotonic() - start < 120
+
+
+def test_overrides_by_stage_type_and_for_types_a_recipe_does_not_use(recipe, tmp_path):
+    from launch.config import StageLaunch
+
+    # A shared launch file names stage types: `toy_train` reaches the stage named `train`; `general` (a known
+    # type this recipe does not use) is ignored; a name that is neither stays an error (see above).
+    recipe.launch.stages = {"toy_train": StageLaunch(nodes=3), "general": StageLaunch(nodes=5)}
+    jobs = {j.stage: j for j in build_plan(recipe, tmp_path / "run").jobs}
+    assert jobs["train"].nodes == 3 and jobs["items"].nodes == 1
+    recipe.launch.stages["train"] = StageLaunch(nodes=2)  # the stage's own name wins over its type
+    assert {j.stage: j for j in build_plan(recipe, tmp_path / "run").jobs}["train"].nodes == 2
