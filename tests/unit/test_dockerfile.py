@@ -25,8 +25,15 @@ def test_dockerfile_non_root_entrypoint_and_copies(repo):
     assert entry and json.loads(entry[-1]) == ["distill"]
     assert any(op == "FROM" for op, _ in ops)
     copied = " ".join(rest for op, rest in ops if op == "COPY")
-    for package in ("pipeline", "stages", "launch", "bench", "configs", "pyproject.toml"):
-        assert package in copied, f"{package} is not copied into the image"
+    import tomllib
+
+    packages = [p.rstrip("*") for p in tomllib.loads((repo / "pyproject.toml").read_text())
+                ["tool"]["setuptools"]["packages"]["find"]["include"]]
+    assert "kd" in packages and "formats" in packages
+    copied_dirs = {rest.split()[0].rstrip("/") for op, rest in ops if op == "COPY"}
+    for package in [*packages, "configs"]:
+        assert package in copied_dirs, f"{package} is not copied into the image (the installed package needs it)"
+    assert "pyproject.toml" in copied
     torch_first = [i for i, (op, rest) in enumerate(ops) if op == "RUN" and "torch==" in rest]
     install = [i for i, (op, rest) in enumerate(ops) if op == "RUN" and "pip install ." in rest]
     assert torch_first and install and torch_first[0] < install[0], "torch must be installed before the package"
