@@ -152,7 +152,7 @@ def evaluate(config: Config, ctx, engine, setup: Setup, micro: int) -> dict[str,
     trainee.eval()
     sums = torch.zeros(6, dtype=torch.float64)  # masked, loss sum, correct, agree, teacher KL sum, teacher correct
     for _ in range(batches):
-        batch = stream.next_batch()
+        batch = engine.to_device(stream.next_batch())
         logits, _ = engine.forward(**trainee.inputs(batch))
         logits = logits.float()
         t_logits = teacher_logits(setup.teacher, batch)
