@@ -13,47 +13,16 @@ optimizer and out of ZeRO-3 partitioning, where gathering it every forward would
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from pipeline.config import ConfigError
 from pipeline.train import device as devices
 from pipeline.train import dist
-from pipeline.train.optim import adamw, lr_at, param_groups
+from pipeline.train.optim import EngineSettings, adamw, lr_at, param_groups  # noqa: F401 (re-exported)
 from pipeline.world import World
-
-
-@dataclass(kw_only=True)
-class EngineSettings:
-    """What build_engine needs besides the model; `TrainConfig.engine_settings` fills it from a stage config."""
-
-    backend: Literal["torch", "deepspeed"] = "deepspeed"
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    total_steps: int = 1
-    min_lr_ratio: float = 0.0
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    clip_norm: float | None = 1.0
-    precision: Literal["fp32", "bf16"] = "fp32"
-    zero_stage: int = 0
-    offload_optimizer: bool = False
-    deepspeed_config: str | None = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    """Where the trained module, its batches and autocast live (resolved by pipeline.train.device)."""
-    compile: bool = False
-    activation_checkpointing: bool = False
-
-    def schedule_lr(self, step: int) -> float:
-        """The learning rate at optimizer step `step`."""
-        return lr_at(step, lr=self.lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
-                     min_lr_ratio=self.min_lr_ratio, schedule=self.schedule)
 
 
 def deepspeed_json(settings: EngineSettings, world_size: int) -> dict[str, Any]:
@@ -222,14 +191,15 @@ class TorchEngine(Engine):
 
 
 def _safe_checkpoint_engine(base):
-    """DeepSpeed's checkpoint loader with pickle turned off: weights_only plus the two DeepSpeed types its
-    optimizer files hold."""
+    """DeepSpeed's checkpoint loader with pickle turned off: weights_only plus the three plain DeepSpeed data
+    types its optimizer files hold (`fragment_address`, a (numel, start) pair, comes with ZeRO offload)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     class SafeLoad(type(base)):
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     base.__class__ = SafeLoad

@@ -46,6 +46,36 @@ def adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: flo
 
 
 @dataclass(kw_only=True)
+class EngineSettings:
+    """What build_engine needs besides the model; `TrainConfig.engine_settings` fills it from a stage config."""
+
+    backend: Literal["torch", "deepspeed"] = "deepspeed"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    total_steps: int = 1
+    min_lr_ratio: float = 0.0
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    clip_norm: float | None = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    deepspeed_config: str | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where the trained module, its batches and autocast live (resolved by pipeline.train.device)."""
+    compile: bool = False
+    activation_checkpointing: bool = False
+
+    def schedule_lr(self, step: int) -> float:
+        """The learning rate at optimizer step `step`."""
+        return lr_at(step, lr=self.lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+                     min_lr_ratio=self.min_lr_ratio, schedule=self.schedule)
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """Training keys shared by every stage that trains (inherited by its Config)."""
 
@@ -126,7 +156,6 @@ class TrainConfig:
     def engine_settings(self, *, total_steps: int, micro_batch_size: int, world):
         """The engine's settings for a run of `total_steps` optimizer steps on this process's device."""
         from pipeline.train import device as devices
-        from pipeline.train.engine import EngineSettings
 
         where = devices.resolve(self.device, world)
         return EngineSettings(
