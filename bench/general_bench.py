@@ -6,7 +6,7 @@ cached_vs_online_share_of_ideal  step time with the online teacher / step time f
                                  (goal >= 0.90: running the teacher online costs no more than its forward).
 train_flops_vs_matmul            student-training FLOP/s (analytic count: 3 x forward matmul FLOPs, attention
                                  and the LM head on masked positions included) / measured fp32 matmul FLOP/s
-                                 of this machine at the student's matmul sizes (goal >= 0.40).
+                                 of this machine at the student's matmul sizes (goal >= 0.6).
 trainer_tokens_per_s             tokens the cached trainer consumes per second (the suite divides the reader's
                                  throughput by it).
 

@@ -1,7 +1,8 @@
 """Task-stage figures, measured side by side in one run on real SST-2 sentences.
 
-task_step_vs_hf_trainer   time per step of our task-distillation step (prediction layer: student forward,
-                          soft CE against cached teacher logits, backward, clip, AdamW) / time per step of a
+task_step_vs_hf_trainer   time per step of our task-distillation step (prediction layer through the one trainer's
+                          pieces: `stages.task.loop.phase_loss` on the engine's forward, soft CE against cached
+                          teacher logits, engine backward and step: clip, schedule, AdamW) / time per step of a
                           plain Hugging Face `Trainer` fine-tuning the same student on the same padded batch
                           (goal <= 1.0: distilling from a cache costs no more than ordinary fine-tuning).
 student_cpu_speedup       CPU inference speed of the SST-2 recipe's student (4 layers, 4 of 12 heads, FFN
@@ -47,23 +48,23 @@ def _batch(tokenizer, size: int):
 
 
 def _ours(student, teacher, batch, labels, steps: int) -> list[float]:
-    from stages.task.loop import phase_loss
+    from pipeline.train.engine import EngineSettings, build_engine
+    from pipeline.world import World
+    from stages.task.loop import Trainee, phase_loss
 
     with torch.no_grad():
-        cached = {"logits": teacher(**batch).logits}
+        cached = {**batch, "labels": labels, "t_logits": teacher(**batch).logits}
     config = SimpleNamespace(temperature=1.0)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    pick = torch.arange(len(labels))
+    trainee = Trainee(student, torch.nn.Identity())
+    engine = build_engine(trainee, settings=EngineSettings(backend="torch", lr=1e-5, total_steps=10**6,
+                                                           micro_batch_size=len(labels), clip_norm=1.0), world=World())
     times = []
-    student.train()
+    trainee.train()
     for _ in range(steps):
         start = time.perf_counter()
-        loss = phase_loss("prediction", config, student, teacher, None, batch, labels, cached, pick,
-                          {"teacher_train_examples": 0}, False)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = phase_loss("prediction", config, trainee, engine.forward, teacher, engine.to_device(cached), False)
+        engine.backward(loss)
+        engine.step()
         times.append(time.perf_counter() - start)
     return times
 

@@ -15,8 +15,13 @@ from pipeline.world import World
 
 
 def backend(device: torch.device | None = None) -> str:
-    """gloo for CPU tensors, plus nccl for CUDA ones when this process trains on a GPU."""
-    return "cpu:gloo,cuda:nccl" if device is not None and device.type == "cuda" else "gloo"
+    """gloo for CPU tensors, plus nccl for CUDA ones when this process trains on a GPU; when more ranks share
+    a node than it has GPUs (ranks sharing one, as a 1-GPU test does) gloo carries CUDA tensors too, since
+    NCCL refuses two ranks on one device."""
+    if device is None or device.type != "cuda":
+        return "gloo"
+    shared = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > torch.cuda.device_count()
+    return "cpu:gloo,cuda:gloo" if shared else "cpu:gloo,cuda:nccl"
 
 
 def init(world: World, *, device: torch.device | None = None, need_group: bool = False, **options) -> None:

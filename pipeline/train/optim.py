@@ -39,9 +39,10 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
 
 
 def adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float = 1e-8) -> torch.optim.AdamW:
-    """The one optimizer: torch AdamW (foreach on CPU; fused where the device supports it)."""
+    """The one optimizer: torch AdamW, fused (one kernel over all parameters, CPU and CUDA alike; what the
+    Hugging Face Trainer uses by default) when every parameter is a float tensor on the CPU or a GPU."""
     params = [p for g in groups for p in g["params"]]
-    fused = bool(params) and all(p.device.type == "cuda" for p in params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
