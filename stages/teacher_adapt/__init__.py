@@ -71,7 +71,7 @@ def mlm_accuracy(engine, masked: list, pad_id: int, batch_size: int = 64) -> flo
     the same batches, so ZeRO-3 can gather)."""
     engine.module.eval()
     hits = total = 0
-    for start in range(0, len(masked), batch_size):
+    for start in log.progress(range(0, len(masked), batch_size), desc="teacher_adapt eval", unit="batch"):
         batch = engine.to_device(_batch(masked[start:start + batch_size], pad_id))
         labels = batch.pop("labels")
         hits += int((engine.forward(**batch).argmax(-1) == labels).sum())
