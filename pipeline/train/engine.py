@@ -134,7 +134,7 @@ class TorchEngine(Engine):
             ids = [settings.device.index] if settings.device.type == "cuda" else None
             self.wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if settings.compile:
-            self.wrapped = torch.compile(self.wrapped)
+            self.wrapped = torch.compile(self.wrapped, dynamic=True)  # masked-position counts vary per batch
         self.global_step = self.micro_step = 0
 
     def forward(self, *args, **kwargs):

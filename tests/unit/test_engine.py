@@ -174,3 +174,36 @@ def test_torch_engine_autocasts_on_the_device_type():
     engine = build_engine(_model(), settings=settings, world=World())
     assert engine.device == torch.device("cpu")
     assert engine.forward(torch.randn(4, 6)).dtype == torch.bfloat16
+
+
+def test_compiled_engine_trains_like_the_eager_one():
+    def model():  # no dropout: compiled code draws its masks from another RNG stream
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    settings = dict(backend="torch", **SETTINGS)
+    eager = _train(build_engine(model(), settings=EngineSettings(**settings), world=World()), 4)
+    compiled = build_engine(model(), settings=EngineSettings(compile=True, **settings), world=World())
+    assert compiled.wrapped is not compiled.module  # the forward runs through torch.compile
+    assert _train(compiled, 4) == pytest.approx(eager, rel=1e-4, abs=1e-5)
+
+
+def test_activation_checkpointing_recomputes_and_keeps_the_gradients():
+    from transformers import BertConfig, BertModel
+
+    def bert():
+        torch.manual_seed(0)
+        return BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+    ids = torch.randint(0, 50, (2, 7))
+    grads = []
+    for checkpointing in (False, True):
+        engine = build_engine(bert(), settings=EngineSettings(backend="torch", activation_checkpointing=checkpointing),
+                              world=World())
+        assert engine.module.is_gradient_checkpointing == checkpointing
+        engine.backward(engine.forward(input_ids=ids).last_hidden_state.pow(2).mean())
+        grads.append(engine.module.encoder.layer[0].attention.self.query.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        build_engine(_model(), settings=EngineSettings(backend="torch", activation_checkpointing=True), world=World())
