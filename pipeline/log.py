@@ -43,7 +43,7 @@ def eta(seconds: float) -> str:
 def progress(items: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it",
              every_s: float = LINE_EVERY_S) -> Iterator[T]:
     """Wrap an iterable in a tqdm bar when stderr is a terminal; elsewhere print a line (done, rate, ETA)
-    every `every_s` seconds and one at the end."""
+    every `every_s` seconds and one at the end (unless the loop was over within `every_s / 6`)."""
     if _state["quiet"]:
         yield from items
         return
@@ -55,16 +55,17 @@ def progress(items: Iterable[T], *, desc: str, total: int | None = None, unit: s
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     started = last = time.monotonic()
-    done = 0
+    done = printed = 0
     for item in items:
         yield item
         done += 1
         now = time.monotonic()
         if now - last >= every_s:
-            last = now
+            last, printed = now, printed + 1
             info(_line(desc, done, total, unit, now - started))
-    if done:
-        info(_line(desc, done, total, unit, time.monotonic() - started))
+    elapsed = time.monotonic() - started
+    if done and (printed or elapsed >= every_s / 6):  # a loop over in a few seconds needs no closing line
+        info(_line(desc, done, total, unit, elapsed))
 
 
 def _line(desc: str, done: int, total: int | None, unit: str, elapsed: float) -> str:

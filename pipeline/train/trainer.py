@@ -95,12 +95,13 @@ def fit(engine, config, *, total: int, next_batch: Callable[[], dict], loss: Cal
             micro_loss, parts = loss(engine.to_device(batch))
             engine.backward(micro_loss)
             window.add(parts)
+            lr = engine.lr  # the rate this step applies (logged as that step's)
             if not engine.step():
                 continue
             step = engine.global_step
             progress.advance()
             if step % config.log_every == 0 or step == total:
-                lr, last = engine.lr, window.flush()
+                last = window.flush()
                 rate = tokens * world.world_size / max(time.perf_counter() - started, 1e-9)
                 progress.report(step, {"loss": f"{last.get('total', float('nan')):.4f}", "lr": f"{lr:.2e}",
                                        "tok/s": f"{rate:,.0f}"})

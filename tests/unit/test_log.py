@@ -17,9 +17,14 @@ def test_progress_prints_plain_lines_with_rate_and_eta(capsys):
 
 
 def test_progress_without_a_total_still_counts(capsys):
-    list(log.progress(iter(range(3)), desc="shard", unit="doc", every_s=3600))
-    (line,) = capsys.readouterr().err.splitlines()
+    list(log.progress(iter(range(3)), desc="shard", unit="doc", every_s=0.0))
+    line = capsys.readouterr().err.splitlines()[-1]
     assert re.search(r"shard: 3 doc, [\d.]+ doc/s$", line), line
+
+
+def test_a_short_loop_prints_no_closing_line(capsys):
+    list(log.progress(range(3), desc="eval", every_s=3600))
+    assert capsys.readouterr().err == ""
 
 
 def test_training_progress_line(capsys):
