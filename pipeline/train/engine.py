@@ -128,7 +128,8 @@ class TorchEngine(Engine):
 
     def __init__(self, model: torch.nn.Module, *, settings: EngineSettings, world: World):
         self.settings, self.world, self.module = settings, world, model.to(settings.device)
-        self.optimizer = adamw(param_groups(model.named_parameters(), settings.weight_decay), lr=settings.lr, betas=settings.betas)
+        self.optimizer = adamw(param_groups(model.named_parameters(), settings.weight_decay), lr=settings.lr,
+                               betas=settings.betas)
         self.wrapped = model
         if world.world_size > 1:
             ids = [settings.device.index] if settings.device.type == "cuda" else None

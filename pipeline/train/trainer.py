@@ -108,7 +108,8 @@ def fit(engine, config, *, total: int, next_batch: Callable[[], dict], loss: Cal
                 ctx.tracker.log_metrics({**{f"train/{k}": v for k, v in last.items()}, "train/lr": lr,
                                          "train/tokens_per_s": rate}, step_offset + step)
             halt = False
-            if evaluate is not None and ((eval_every and step % eval_every == 0 and step < total) or (eval_final and step == total)):
+            due = (eval_every and step % eval_every == 0 and step < total) or (eval_final and step == total)
+            if evaluate is not None and due:
                 metrics = evaluate(step)
                 ctx.tracker.log_metrics(metrics, step_offset + step)
                 halt = stop is not None and stop(metrics)

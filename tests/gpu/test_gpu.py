@@ -9,6 +9,7 @@ lent while they were written (docs/training.md says what they cover).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from tests.conftest import SHARED_DATA
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")]
 
 
-def _recipe(root, device: str) -> "Path":  # noqa: F821
+def _recipe(root: Path, device: str) -> tuple[Path, Path]:
     from tests.dist.general_inputs import build
     from tests.dist.test_train_dist import tiny_classifier_encoder
 
