@@ -81,8 +81,9 @@ def _train_flops(cfg, tokens: int, masked: int, seq: int) -> float:
     return 3 * (per_token * tokens + head * masked)
 
 
-def run(quick: bool = False) -> dict[str, float]:
-    """Measure the figures; `quick` uses fewer and smaller batches."""
+def trainer_pieces(batch: int, **settings):
+    """The general trainer's real pieces on the MiniLM teacher: (tokenizer, teacher, trainee, loss plan, torch
+    engine with `settings`), shared with bench/gpu_bench.py."""
     from transformers import AutoTokenizer
 
     from kd.students import StudentConfig
@@ -91,10 +92,8 @@ def run(quick: bool = False) -> dict[str, float]:
     from pipeline.train.engine import EngineSettings, build_engine
     from pipeline.world import World
     from stages.general.config import Config, LossWeights
-    from stages.general.data import teacher_logits
     from stages.general.model import LossPlan, Trainee
 
-    steps, batch, seq = (4, 16, 64) if quick else (8, 32, 128)
     folder = resolve_asset(MINILM)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     torch.manual_seed(0)
@@ -103,7 +102,16 @@ def run(quick: bool = False) -> dict[str, float]:
     trainee = Trainee.build(config, teacher)
     plan = LossPlan.check(config, trainee, teacher, online=True)
     engine = build_engine(trainee, settings=EngineSettings(backend="torch", lr=1e-5, micro_batch_size=batch,
-                                                           total_steps=10**6, clip_norm=1.0), world=World())
+                                                           total_steps=10**6, clip_norm=1.0, **settings), world=World())
+    return tokenizer, teacher, trainee, plan, engine
+
+
+def run(quick: bool = False) -> dict[str, float]:
+    """Measure the figures; `quick` uses fewer and smaller batches."""
+    from stages.general.data import teacher_logits
+
+    steps, batch, seq = (4, 16, 64) if quick else (8, 32, 128)
+    tokenizer, teacher, trainee, plan, engine = trainer_pieces(batch)
     batches = [_with_topk(teacher, b) for b in _batches(tokenizer, steps, batch, seq)]
     cached, online = SimpleNamespace(online=False, teacher=teacher), SimpleNamespace(online=True, teacher=teacher)
 

@@ -37,28 +37,10 @@ def _peak_bf16(device, size: int = 8192, repeats: int = 10) -> float:
 
 
 def _train(device, quick: bool) -> dict:
-    from transformers import AutoTokenizer
-
-    from bench.general_bench import MINILM, _batches, _train_flops, _with_topk
-    from kd.students import StudentConfig
-    from kd.teachers import load_masked_lm
-    from pipeline.assets import resolve_asset
-    from pipeline.train.engine import EngineSettings, build_engine
-    from pipeline.world import World
-    from stages.general.config import Config, LossWeights
-    from stages.general.model import LossPlan, Trainee
+    from bench.general_bench import _batches, _train_flops, _with_topk, trainer_pieces
 
     steps, batch, seq = (10, 64, 128) if quick else (30, 128, 128)
-    folder = resolve_asset(MINILM)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    torch.manual_seed(0)
-    teacher = load_masked_lm(folder)
-    config = Config(teacher_path=MINILM, student=StudentConfig(init="teacher", num_layers=4), loss=LossWeights(soft=1.0))
-    trainee = Trainee.build(config, teacher)
-    plan = LossPlan.check(config, trainee, teacher, online=False)
-    engine = build_engine(trainee, settings=EngineSettings(backend="torch", lr=1e-5, micro_batch_size=batch,
-                                                           total_steps=10**6, precision="bf16", device=device),
-                          world=World())
+    tokenizer, teacher, trainee, plan, engine = trainer_pieces(batch, precision="bf16", device=device)
     batches = [_with_topk(teacher, b) for b in _batches(tokenizer, steps, batch, seq)]
     setup = SimpleNamespace(online=False, teacher=teacher)
 

@@ -67,6 +67,16 @@ def _maybe_die(config, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def example_indices(step: int, n: int, batch_size: int, seed: int, world) -> torch.Tensor:
+    """This rank's indices into `n` examples for optimizer step `step` (0-based) of epoch-wise shuffled global
+    batches of `batch_size`: a pure function of (seed, epoch, step), so a resumed run draws what an
+    uninterrupted one would, and the ranks split each global batch between them."""
+    per_epoch = -(-n // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[offset * batch_size:(offset + 1) * batch_size].tensor_split(world.world_size)[world.rank]
+
+
 def tokens_in(batch) -> int:
     """Real tokens of a CPU batch (its attention mask), for tokens/s; 0 when it has none."""
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None

@@ -158,14 +158,6 @@ def _phase_params(trainee: Trainee, phase: str, trainable: set[str]) -> list:
     return [(n, p) for n, p in named if n in trainable]
 
 
-def batch_at(step: int, n: int, batch_size: int, seed: int, world) -> torch.Tensor:
-    """This rank's example indices of a phase's step `step`: a pure function of (seed, epoch, step)."""
-    per_epoch = math.ceil(n / batch_size)
-    epoch, offset = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    return order[offset * batch_size:(offset + 1) * batch_size].tensor_split(world.world_size)[world.rank]
-
-
 def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, regression: bool):
     """Run the objective's phases through the one trainer; checkpoint every `checkpoint_every` steps (and at the
     end of each phase) into `ckpt/step-N/` and resume from the newest complete one. Returns (counts, the
@@ -201,7 +193,7 @@ def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, r
         seed = ctx.seed * 7919 + index * 101
 
         def next_batch():
-            pick = batch_at(engine.global_step, n, config.batch_size, seed, world)
+            pick = trainer.example_indices(engine.global_step, n, config.batch_size, seed, world)
             batch = pad_batch([ids[i] for i in pick], [types[i] for i in pick], pad_id)
             batch["labels"] = torch.as_tensor(labels[pick.numpy()])
             want_cls = phase == "pkd"

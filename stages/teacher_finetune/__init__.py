@@ -34,7 +34,7 @@ from pipeline import log
 from pipeline.assets import resolve_asset
 from pipeline.config import ConfigError
 from pipeline.train import device as devices
-from pipeline.train import dist, trainer
+from pipeline.train import checkpoint, dist, trainer
 from pipeline.train.engine import build_engine
 from stages.teacher_finetune.config import Config
 
@@ -57,14 +57,6 @@ def evaluate(model, dev_ids, dev_types, dev_labels, pad_id: int, preset, batch_s
     return task_metrics.compute(list(preset.metrics), preds, dev_labels), preds
 
 
-def batch_at(step: int, n: int, batch_size: int, seed: int, world) -> torch.Tensor:
-    """This rank's example indices of global step `step` (0-based): a pure function of (seed, epoch, step)."""
-    per_epoch = -(-n // batch_size)
-    epoch, offset = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    return order[offset * batch_size:(offset + 1) * batch_size].tensor_split(world.world_size)[world.rank]
-
-
 def train(model, config: Config, train_enc, dev_enc, preset, pad_id: int, ctx) -> tuple[dict, int, torch.nn.Module]:
     """Train with early stopping; return the best dev metrics, the steps run and (rank 0) the best model."""
     ids, types, labels = train_enc
@@ -77,10 +69,10 @@ def train(model, config: Config, train_enc, dev_enc, preset, pad_id: int, ctx) -
     root = ctx.stage_dir / "checkpoints"
     state, folder = trainer.resume(config, root, engine, world)
     track = state or {"best": None, "bad": 0, "best_step": 0}
-    best_weights = trainer.checkpoint.load_tensors(folder) if folder is not None else {}
+    best_weights = checkpoint.load_tensors(folder) if folder is not None else {}
 
     def next_batch():
-        pick = batch_at(engine.global_step, len(ids), config.batch_size, ctx.seed, world)
+        pick = trainer.example_indices(engine.global_step, len(ids), config.batch_size, ctx.seed * 7919, world)
         batch = pad_batch([ids[i] for i in pick], [types[i] for i in pick], pad_id)
         target = torch.as_tensor(labels[pick.numpy()])
         batch["labels"] = target.float() if preset.regression else target
