@@ -59,7 +59,7 @@ def _masker(tokenizer):
 
 
 @torch.inference_mode()
-def _forward_only(samples, masker, model, settings, pad_id: int) -> None:
+def _forward_only(samples, masker, model, settings, pad_id: int, device="cpu") -> None:
     """The bare teacher forward on exactly the batches the cache builds (same masking and batching)."""
     from kd import teachers
     from stages.cache import records as teacher
@@ -67,33 +67,36 @@ def _forward_only(samples, masker, model, settings, pad_id: int) -> None:
     masked = [masker(s) for s in samples]
     for batch in teacher._length_batches(np.array([m.input_ids.size for m in masked]), settings.batch_tokens):
         group = [masked[i] for i in batch]
-        ids = teacher._pad([m.input_ids for m in group], pad_id, "cpu")
-        types = teacher._pad([m.token_type_ids for m in group], 0, "cpu")
-        rows = torch.from_numpy(np.concatenate([np.full(m.positions.size, r) for r, m in enumerate(group)]))
-        cols = torch.from_numpy(np.concatenate([m.positions for m in group]))
+        ids = teacher._pad([m.input_ids for m in group], pad_id, device)
+        types = teacher._pad([m.token_type_ids for m in group], 0, device)
+        rows = torch.from_numpy(np.concatenate([np.full(m.positions.size, r) for r, m in enumerate(group)])).to(device)
+        cols = torch.from_numpy(np.concatenate([m.positions for m in group])).to(device)
         inputs = {"input_ids": ids, "attention_mask": teacher._attention(group, ids), "token_type_ids": types}
         teachers.masked_lm_logits(model, inputs, rows, cols)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def _cache_write(samples, masker, model, settings, pad_id: int, path: Path) -> int:
+def _cache_write(samples, masker, model, settings, pad_id: int, path: Path, device="cpu") -> int:
     """Everything the cache stage does for one shard; returns the shard's bytes."""
     from formats.cache import write_cache_shard
     from stages.cache.records import shard_records
 
-    records, stats = shard_records(samples, masker, model, settings, device="cpu", pad_id=pad_id,
+    records, stats = shard_records(samples, masker, model, settings, device=device, pad_id=pad_id,
                                    vocab_size=int(model.config.vocab_size))
     return write_cache_shard(path, records, vocab_size=int(model.config.vocab_size), max_seq_len=129, stats=stats)
 
 
-def _throughput_ratio(samples, tokenizer, repeats: int, out: Path, chunk: int = 64) -> dict:
+def _throughput_ratio(samples, tokenizer, repeats: int, out: Path, chunk: int = 64, device="cpu",
+                      dtype: str = "fp32") -> dict:
     """Forward and cache-write timed back to back on each chunk of samples (alternating which goes first),
     so the machine's load, which drifts on a shared host, hits both alike; median over repeats."""
     from kd.teachers import load_masked_lm
     from pipeline.assets import resolve_asset
 
-    model = load_masked_lm(resolve_asset(MINILM))
+    model = load_masked_lm(resolve_asset(MINILM), dtype=dtype, device=device)
     masker, settings, pad = _masker(tokenizer), _Settings(), tokenizer.pad_token_id
-    _forward_only(samples[:8], masker, model, settings, pad)  # warm-up
+    _forward_only(samples[:8], masker, model, settings, pad, device)  # warm-up
     ratios, forward_total, write_total = [], 0.0, 0.0
     for _ in range(repeats):
         forward = write = 0.0
@@ -102,10 +105,10 @@ def _throughput_ratio(samples, tokenizer, repeats: int, out: Path, chunk: int = 
             for job in ("forward", "write") if n % 2 == 0 else ("write", "forward"):
                 began = time.perf_counter()
                 if job == "forward":
-                    _forward_only(part, masker, model, settings, pad)
+                    _forward_only(part, masker, model, settings, pad, device)
                     forward += time.perf_counter() - began
                 else:
-                    _cache_write(part, masker, model, settings, pad, out / f"minilm-{n:04d}.cache")
+                    _cache_write(part, masker, model, settings, pad, out / f"minilm-{n:04d}.cache", device)
                     write += time.perf_counter() - began
         ratios.append(forward / write)
         forward_total, write_total = forward_total + forward, write_total + write

@@ -6,7 +6,7 @@ cached_vs_online_share_of_ideal  step time with the online teacher / step time f
                                  (goal >= 0.90: running the teacher online costs no more than its forward).
 train_flops_vs_matmul            student-training FLOP/s (analytic count: 3 x forward matmul FLOPs, attention
                                  and the LM head on masked positions included) / measured fp32 matmul FLOP/s
-                                 of this machine at the student's matmul sizes (goal >= 0.40).
+                                 of this machine at the student's matmul sizes (goal >= 0.6).
 trainer_tokens_per_s             tokens the cached trainer consumes per second (the suite divides the reader's
                                  throughput by it).
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -80,8 +79,9 @@ def _train_flops(cfg, tokens: int, masked: int, seq: int) -> float:
     return 3 * (per_token * tokens + head * masked)
 
 
-def run(quick: bool = False) -> dict[str, float]:
-    """Measure the figures; `quick` uses fewer and smaller batches."""
+def trainer_pieces(batch: int, **settings):
+    """The general trainer's real pieces on the MiniLM teacher: (tokenizer, teacher, trainee, loss plan, torch
+    engine with `settings`), shared with bench/gpu_bench.py."""
     from transformers import AutoTokenizer
 
     from kd.students import StudentConfig
@@ -90,10 +90,8 @@ def run(quick: bool = False) -> dict[str, float]:
     from pipeline.train.engine import EngineSettings, build_engine
     from pipeline.world import World
     from stages.general.config import Config, LossWeights
-    from stages.general.data import teacher_logits
     from stages.general.model import LossPlan, Trainee
 
-    steps, batch, seq = (4, 16, 64) if quick else (8, 32, 128)
     folder = resolve_asset(MINILM)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     torch.manual_seed(0)
@@ -102,7 +100,16 @@ def run(quick: bool = False) -> dict[str, float]:
     trainee = Trainee.build(config, teacher)
     plan = LossPlan.check(config, trainee, teacher, online=True)
     engine = build_engine(trainee, settings=EngineSettings(backend="torch", lr=1e-5, micro_batch_size=batch,
-                                                           total_steps=10**6, clip_norm=1.0), world=World())
+                                                           total_steps=10**6, clip_norm=1.0, **settings), world=World())
+    return tokenizer, teacher, trainee, plan, engine
+
+
+def run(quick: bool = False) -> dict[str, float]:
+    """Measure the figures; `quick` uses fewer and smaller batches."""
+    from stages.general.data import teacher_logits
+
+    steps, batch, seq = (4, 16, 64) if quick else (8, 32, 128)
+    tokenizer, teacher, trainee, plan, engine = trainer_pieces(batch)
     batches = [_with_topk(teacher, b) for b in _batches(tokenizer, steps, batch, seq)]
     cached, online = SimpleNamespace(online=False, teacher=teacher), SimpleNamespace(online=True, teacher=teacher)
 

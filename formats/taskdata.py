@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from pipeline import log
 from pipeline.config import ConfigError
 
 
@@ -219,16 +220,18 @@ def check_same_vocab(tokenizer, other, what: str) -> None:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict(model, ids: list[list[int]], types: list[list[int]], pad_id: int, batch_size: int = 64) -> np.ndarray:
-    """Logits of a sequence classifier over encoded examples, in order, in eval mode."""
+    """Logits of a sequence classifier over encoded examples, in order, in eval mode, on the model's device."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     out = []
     order = np.argsort([len(x) for x in ids], kind="stable")  # length-sorted batches pad less
-    for start in range(0, len(ids), batch_size):
+    for start in log.progress(range(0, len(ids), batch_size), desc="predict", unit="batch"):
         pick = order[start : start + batch_size]
         batch = pad_batch([ids[i] for i in pick], [types[i] for i in pick], pad_id)
-        out.append(model(**batch).logits.float())
+        out.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
     model.train(was_training)
     logits = torch.cat(out).numpy()
     result = np.empty_like(logits)

@@ -31,11 +31,17 @@ class AttentionCapture:
         scores = capture.scores(mask)      # per layer [B, h, L, L]
         q, k, v = capture.qkv[-1]          # last layer, each [B, L, width]
 
-    Each forward pass overwrites the previous one's tensors; the hooks are removed on exit.
+    Each forward pass overwrites the previous one's tensors; the hooks are removed on exit. With `layers`
+    (0-based layer indices) only those layers are hooked and `scores`/`qkv` cover only them, in ascending
+    order: a loss on some layers pays for their scores alone, and the model keeps its SDPA kernel throughout.
     """
 
-    def __init__(self, bert_model: nn.Module, *, keep_qkv: bool = False):
-        self._attentions = _self_attentions(bert_model)
+    def __init__(self, bert_model: nn.Module, *, keep_qkv: bool = False, layers=None):
+        every = _self_attentions(bert_model)
+        self.layers = sorted(set(range(len(every)) if layers is None else layers))
+        if any(not 0 <= i < len(every) for i in self.layers):
+            raise ValueError(f"layers {self.layers}: the model has {len(every)} layers (0-based indices)")
+        self._attentions = [every[i] for i in self.layers]
         self._keep_qkv = keep_qkv
         self._handles: list = []
         self._outputs: list[dict[str, Tensor]] = [{} for _ in self._attentions]
@@ -70,23 +76,28 @@ class AttentionCapture:
         return [attention.num_attention_heads for attention in self._attentions]
 
     def scores(self, attention_mask: Tensor | None = None) -> list[Tensor]:
-        """Pre-softmax attention scores QK^T/sqrt(d) per layer, [B, h, L, L].
+        """Pre-softmax attention scores QK^T/sqrt(d) of every hooked layer, [B, h, L, L].
 
         With `attention_mask` ([B, L], 1 for real tokens) the padded keys hold the dtype's minimum, as in
         Hugging Face's eager attention, so softmax of these scores is its attention probabilities.
         """
-        out = []
-        for index, attention in enumerate(self._attentions):
-            q, k = self._recorded(index, "query"), self._recorded(index, "key")
-            heads, size = attention.num_attention_heads, attention.attention_head_size
-            qh = q.view(*q.shape[:2], heads, size).transpose(1, 2)
-            kh = k.view(*k.shape[:2], heads, size).transpose(1, 2)
-            layer_scores = qh @ kh.transpose(-1, -2) / math.sqrt(size)
-            if attention_mask is not None:
-                padded = ~attention_mask.bool()[:, None, None, :]
-                layer_scores = layer_scores.masked_fill(padded, torch.finfo(layer_scores.dtype).min)
-            out.append(layer_scores)
-        return out
+        return [self.score(layer, attention_mask) for layer in self.layers]
+
+    def score(self, layer: int, attention_mask: Tensor | None = None) -> Tensor:
+        """The scores of one hooked layer (0-based index in the model), computed only when asked."""
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} is not hooked (hooked: {self.layers})")
+        index = self.layers.index(layer)
+        attention = self._attentions[index]
+        q, k = self._recorded(index, "query"), self._recorded(index, "key")
+        heads, size = attention.num_attention_heads, attention.attention_head_size
+        qh = q.view(*q.shape[:2], heads, size).transpose(1, 2)
+        kh = k.view(*k.shape[:2], heads, size).transpose(1, 2)
+        layer_scores = qh @ kh.transpose(-1, -2) / math.sqrt(size)
+        if attention_mask is not None:
+            padded = ~attention_mask.bool()[:, None, None, :]
+            layer_scores = layer_scores.masked_fill(padded, torch.finfo(layer_scores.dtype).min)
+        return layer_scores
 
     @property
     def qkv(self) -> list[tuple[Tensor, Tensor, Tensor]]:

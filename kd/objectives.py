@@ -92,8 +92,10 @@ def _hidden(p: Pair) -> Tensor:
 
 
 def _attention(p: Pair) -> Tensor:
-    s_scores, t_scores = p.student_capture.scores(p.mask), p.teacher_capture.scores(p.mask)
-    terms = [L.attention_mse(s_scores[m - 1], t_scores[g - 1], p.mask) for m, g in enumerate(p.layer_map, start=1)]
+    # Scores of the mapped layers only (the captures hook just those).
+    s, t = p.student_capture, p.teacher_capture
+    terms = [L.attention_mse(s.score(m - 1, p.mask), t.score(g - 1, p.mask), p.mask)
+             for m, g in enumerate(p.layer_map, start=1)]
     return torch.stack(terms).sum()
 
 
@@ -134,9 +136,12 @@ def needs(names: list[str] | dict) -> frozenset[str]:
     return frozenset().union(*(TERMS[n].needs for n in names))
 
 
-def weighted_sum(parts: dict[str, Tensor], weights: dict[str, float], shares: dict[str, float]
-                 ) -> tuple[Tensor, dict[str, float]]:
-    """sum_t weight_t * share_(unit of t) * part_t, and each weighted term's value (without the share) for logs."""
-    total = torch.stack([weights[n] * shares[TERMS[n].unit] * v for n, v in parts.items()]).sum()
-    report = {n: weights[n] * v.item() for n, v in parts.items()}
-    return total, {**report, "total": sum(report.values())}
+def weighted_sum(parts: dict[str, Tensor], weights: dict[str, float], shares: dict[str, Tensor | float]
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
+    """sum_t weight_t * share_(unit of t) * part_t, and each weighted, shared term (detached) for logs.
+
+    The logged parts stay tensors (no host sync): their mean over ranks is the global mean of each term.
+    """
+    weighted = {n: weights[n] * shares[TERMS[n].unit] * v for n, v in parts.items()}
+    total = torch.stack(list(weighted.values())).sum()
+    return total, {**{n: v.detach() for n, v in weighted.items()}, "total": total.detach()}

@@ -15,16 +15,35 @@ import torch
 from pipeline.config import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-"""Teacher precisions a config may name."""
+"""Teacher precisions a config may name (and "auto": bf16 on a GPU that supports it, fp32 elsewhere)."""
+
+ATTENTION = "sdpa"
+"""Attention kernel of every model we load or build: scores the losses need are recomputed from the query/key
+projections by `kd.introspect.AttentionCapture`, for the mapped layers only, so no layer runs eager attention."""
 
 
-def pick_device(name: str) -> torch.device:
-    """"auto" is the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r}: no GPU visible here (use device: cpu or auto)")
-    return torch.device(name)
+def pick_device(name: str, world=None) -> torch.device:
+    """The device `name` ("auto", "cpu", "cuda", "cuda:i") means for this process: cuda:LOCAL_RANK for "auto"
+    (with a GPU) and "cuda", so several processes on one node take one GPU each; no GPU for "cuda" is a
+    ConfigError."""
+    from pipeline.train import device
+
+    return device.use(device.resolve(name, world))
+
+
+def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of a teacher precision name on `device` ("auto": bf16 on a GPU that supports it, else fp32)."""
+    from pipeline.train import device as devices
+
+    return DTYPES[devices.precision(name, device)]
+
+
+def place(teacher, device: torch.device, dtype: str):
+    """A frozen teacher on `device` in precision `dtype`, eval mode, no grad (never given to the engine)."""
+    teacher.to(device=device, dtype=teacher_dtype(dtype, device))
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def load_masked_lm(folder: Path, *, dtype: str = "fp32", device: str | torch.device = "cpu", frozen: bool = True):
@@ -34,7 +53,8 @@ def load_masked_lm(folder: Path, *, dtype: str = "fp32", device: str | torch.dev
     transformers.logging.set_verbosity_error()  # "newly initialised head" is expected for encoders
     try:
         model = transformers.AutoModelForMaskedLM.from_pretrained(
-            str(folder), dtype=DTYPES[dtype], attn_implementation="eager", use_safetensors=True)
+            str(folder), dtype=teacher_dtype(dtype, torch.device(device)), attn_implementation=ATTENTION,
+            use_safetensors=True)
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"{folder}: cannot load as a masked-LM teacher ({first})") from None

@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 from launch.plan import Job, Plan
 from launch.ranks import combined_status, wait_ranks

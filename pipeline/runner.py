@@ -133,6 +133,11 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path, *, world: World, force: 
         log.info(f"{name}: done, {totals['files']} files, {totals['bytes'] / 1e6:.1f} MB")
     elif manifest is None:
         log.info(f"{name}: worker {world.worker} finished its part; the stage completes when every worker has")
+    if entry.spec.launch == "distributed":
+        # Every rank starts the next stage only once rank 0 has written this one's manifest (its input there).
+        from pipeline.train import dist
+
+        dist.barrier()
     tracker.end_stage(manifest, status="FINISHED" if manifest is not None else "RUNNING")
     return manifest
 

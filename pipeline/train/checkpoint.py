@@ -3,6 +3,7 @@
 Layout of `<stage_dir>/checkpoints/step-N/`:
   engine/             the engine's files (torch: safetensors + optimizer tensors; DeepSpeed: its ZeRO partitions)
   state-rank{r}.json  per rank: trainer state (reader cursor, epoch, step) and every RNG state
+  tensors.safetensors optional, rank 0: tensors a stage keeps beside the engine (e.g. the best weights so far)
   meta.json           written last by rank 0 after a barrier, with a sha256 per file (checked on load): a
                       folder without it is incomplete and ignored
 
@@ -104,9 +105,13 @@ def latest(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+TENSORS = "tensors.safetensors"
+
+
 def save(root: Path, step: int, engine, state: dict[str, Any], world: World, *, keep_last: int,
-         meta: dict[str, Any] | None = None) -> Path:
-    """Write `step-N/` with the engine state, this rank's state and RNG, then meta.json last; prune old ones.
+         meta: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `step-N/` with the engine state, this rank's state and RNG (and rank 0's `tensors`), then
+    meta.json last; prune old ones.
 
     Every rank calls this (DeepSpeed writes one partition per rank).
     """
@@ -117,6 +122,10 @@ def save(root: Path, step: int, engine, state: dict[str, Any], world: World, *, 
     folder.mkdir(parents=True, exist_ok=True)
     engine.save(folder / "engine")
     atomic_write_text(folder / f"state-rank{world.rank}.json", json.dumps({"state": state, "rng": rng_state()}))
+    if tensors and world.rank == 0:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / TENSORS))
     dist.barrier()
     if world.rank == 0:
         settings = engine.settings
@@ -176,3 +185,11 @@ def load(folder: Path, engine, world: World) -> dict[str, Any]:
     set_rng_state(saved["rng"])
     log.info(f"resumed from {folder}")
     return saved["state"]
+
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors `save` kept in `folder` (hashed with the rest), or {} when it kept none."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / TENSORS
+    return load_file(str(path)) if path.is_file() else {}

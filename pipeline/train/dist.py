@@ -14,26 +14,36 @@ import torch.distributed as dist
 from pipeline.world import World
 
 
-def backend() -> str:
-    """nccl when every rank has a GPU, else gloo (the CPU path tests use)."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def backend(device: torch.device | None = None) -> str:
+    """gloo for CPU tensors, plus nccl for CUDA ones when this process trains on a GPU; when more ranks share
+    a node than it has GPUs (ranks sharing one, as a 1-GPU test does) gloo carries CUDA tensors too, since
+    NCCL refuses two ranks on one device."""
+    if device is None or device.type != "cuda":
+        return "gloo"
+    shared = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > torch.cuda.device_count()
+    return "cpu:gloo,cuda:gloo" if shared else "cpu:gloo,cuda:nccl"
 
 
-def init(world: World, *, need_group: bool = False) -> None:
+def init(world: World, *, device: torch.device | None = None, need_group: bool = False, **options) -> None:
     """Join the process group torchrun set up (env://); at world size 1 make a private one only if `need_group`.
 
-    DeepSpeed wants a process group even for one process, so the engine asks for one; a one-process group
-    uses an in-memory store, so no port is opened and parallel test processes cannot collide.
+    `device` is the process's training device: a CUDA one is made current first (NCCL binds to it) and gets
+    the nccl backend beside gloo. DeepSpeed wants a process group even for one process, so the engine asks
+    for one; a one-process group uses an in-memory store, so no port is opened and parallel test processes
+    cannot collide. `options` go to `init_process_group` as they are (e.g. `timeout`).
     """
     if dist.is_initialized():
         return
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
     if world.world_size > 1 or need_group:
         # DeepSpeed checks LOCAL_RANK itself; torchrun sets it, a plain `distill run` does not.
         os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
     if world.world_size > 1:
-        dist.init_process_group(backend(), init_method="env://", rank=world.rank, world_size=world.world_size)
+        dist.init_process_group(backend(device), init_method="env://", rank=world.rank, world_size=world.world_size,
+                                **options)
     elif need_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend(device), store=dist.HashStore(), rank=0, world_size=1, **options)
 
 
 def active() -> bool:
@@ -72,10 +82,16 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def global_share(local: torch.Tensor) -> float:
-    """world_size * local / (sum of local over ranks): the weight that turns a rank's mean over its own units
-    into its part of the global mean (1.0 at world size 1; one all-reduce otherwise)."""
+def global_shares(local: torch.Tensor) -> torch.Tensor:
+    """world_size * local / (sum of local over ranks), elementwise for a vector of unit counts: the weights that
+    turn a rank's means over its own units into its parts of the global means. Ones at world size 1; one
+    all-reduce otherwise, on the tensor's own device, with no host sync."""
+    local = local.float()
     if not active():
-        return 1.0
-    total = all_reduce_sum(local.float()).item()
-    return float(local) * dist.get_world_size() / max(total, 1.0)
+        return torch.ones_like(local)
+    return local * dist.get_world_size() / all_reduce_sum(local).clamp(min=1.0)
+
+
+def global_share(local: torch.Tensor) -> float:
+    """`global_shares` of one count, as a float (a host sync; for code outside the hot loop)."""
+    return float(global_shares(torch.as_tensor(local).reshape(1))[0])

@@ -13,50 +13,16 @@ optimizer and out of ZeRO-3 partitioning, where gathering it every forward would
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.train import device as devices
 from pipeline.train import dist
+from pipeline.train.optim import EngineSettings, adamw, lr_at, param_groups  # noqa: F401 (re-exported)
 from pipeline.world import World
-
-
-def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to lr*min_lr_ratio."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    span = max(total_steps - warmup_steps, 1)
-    progress = min((step - warmup_steps) / span, 1.0)
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-@dataclass(kw_only=True)
-class EngineSettings:
-    """What build_engine needs besides the model; the trainer fills it from its stage config."""
-
-    backend: Literal["torch", "deepspeed"] = "deepspeed"
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    total_steps: int = 1
-    min_lr_ratio: float = 0.0
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    clip_norm: float | None = 1.0
-    precision: Literal["fp32", "bf16"] = "fp32"
-    zero_stage: int = 0
-    offload_optimizer: bool = False
-    deepspeed_config: str | None = None
-
-    def schedule(self, step: int) -> float:
-        """The learning rate at optimizer step `step`."""
-        return lr_at(step, lr=self.lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
-                     min_lr_ratio=self.min_lr_ratio)
 
 
 def deepspeed_json(settings: EngineSettings, world_size: int) -> dict[str, Any]:
@@ -101,16 +67,12 @@ def deepspeed_json(settings: EngineSettings, world_size: int) -> dict[str, Any]:
                               f"set it to \"auto\" or remove it")
         node[keys[-1]] = value
     merged["zero_allow_untested_optimizer"] = True  # torch AdamW as the client optimizer
+    if merged.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+        # Offload with the client torch AdamW (stepping on the CPU copy) instead of DeepSpeedCPUAdam, which
+        # JIT-compiles a C++ extension on first use (about a minute, and a compiler on every node).
+        merged["zero_force_ds_cpu_optimizer"] = False
     merged.setdefault("steps_per_print", 1 << 30)
     return merged
-
-
-def _param_groups(model: torch.nn.Module, params, weight_decay: float) -> list[dict]:
-    # Biases and LayerNorm weights get no weight decay (BERT's recipe).
-    trainable = [(n, p) for n, p in (params or model.named_parameters()) if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class Engine:
@@ -126,12 +88,32 @@ class Engine:
     @property
     def lr(self) -> float:
         """The learning rate of the next optimizer step."""
-        return self.settings.schedule(self.global_step)
+        return self.settings.schedule_lr(self.global_step)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the trained module and its batches live on."""
+        return self.settings.device
+
+    def to_device(self, batch):
+        """A CPU batch on the engine's device (pinned memory, non_blocking on CUDA)."""
+        return devices.to_device(batch, self.device)
 
     @property
     def boundary(self) -> bool:
         """True when the next `step()` completes an accumulation cycle and updates the weights."""
         return (self.micro_step + 1) % self.settings.grad_accum == 0
+
+    def exported(self, make, prefix: str = ""):
+        """On rank 0, a fresh CPU fp32 module from `make()` holding the trained weights under `prefix` (gathered
+        from ZeRO partitions: call on every rank); None on the other ranks."""
+        state = self.state_dict_for_export()
+        if self.world.rank != 0:
+            return None
+        with torch.random.fork_rng(devices=[]):  # building the module must not move the training RNG
+            module = make()
+        module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+        return module.eval()
 
     def _set_lr(self, optimizer) -> None:
         for group in optimizer.param_groups:
@@ -142,20 +124,24 @@ class Engine:
 
 
 class TorchEngine(Engine):
-    """Plain torch: one process, or DDP over the process group; bf16 through CPU/GPU autocast."""
+    """Plain torch: one process, or DDP over the process group; bf16 through autocast on the device's type."""
 
-    def __init__(self, model: torch.nn.Module, *, settings: EngineSettings, world: World, groups: list[dict]):
-        self.settings, self.world, self.module = settings, world, model
-        self.optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas)
+    def __init__(self, model: torch.nn.Module, *, settings: EngineSettings, world: World):
+        self.settings, self.world, self.module = settings, world, model.to(settings.device)
+        self.optimizer = adamw(param_groups(model.named_parameters(), settings.weight_decay), lr=settings.lr,
+                               betas=settings.betas)
         self.wrapped = model
         if world.world_size > 1:
-            self.wrapped = torch.nn.parallel.DistributedDataParallel(model)
+            ids = [settings.device.index] if settings.device.type == "cuda" else None
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if settings.compile:
+            self.wrapped = torch.compile(self.wrapped, dynamic=True)  # masked-position counts vary per batch
         self.global_step = self.micro_step = 0
 
     def forward(self, *args, **kwargs):
         """Run the (wrapped) model; skip DDP's gradient sync on micro steps inside an accumulation cycle."""
         sync = self.boundary or self.world.world_size == 1
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.precision == "bf16")
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.precision == "bf16")
         if not sync:
             with self.wrapped.no_sync(), ctx:
                 return self.wrapped(*args, **kwargs)
@@ -194,8 +180,9 @@ class TorchEngine(Engine):
         """Restore what `save` wrote (tensors only: weights_only loading, no pickle)."""
         from safetensors.torch import load_model
 
-        load_model(self.module, str(directory / "model.safetensors"))
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
+        load_model(self.module, str(directory / "model.safetensors"), device=str(self.device))
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True,
+                                                  map_location=self.device))
         counters = json.loads((directory / "engine.json").read_text())
         self.global_step, self.micro_step = counters["global_step"], counters["micro_step"]
 
@@ -205,14 +192,15 @@ class TorchEngine(Engine):
 
 
 def _safe_checkpoint_engine(base):
-    """DeepSpeed's checkpoint loader with pickle turned off: weights_only plus the two DeepSpeed types its
-    optimizer files hold."""
+    """DeepSpeed's checkpoint loader with pickle turned off: weights_only plus the three plain DeepSpeed data
+    types its optimizer files hold (`fragment_address`, a (numel, start) pair, comes with ZeRO offload)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     class SafeLoad(type(base)):
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     base.__class__ = SafeLoad
@@ -220,14 +208,15 @@ def _safe_checkpoint_engine(base):
 
 
 class DeepSpeedEngine(Engine):
-    """DeepSpeed ZeRO 0-3 with torch AdamW as the client optimizer (no DeepSpeedCPUAdam build needed)."""
+    """DeepSpeed ZeRO 0-3 with torch AdamW as the client optimizer (no DeepSpeedCPUAdam build needed, offload
+    included); DeepSpeed places the module on cuda:LOCAL_RANK itself, or keeps it on the CPU."""
 
-    def __init__(self, model: torch.nn.Module, *, settings: EngineSettings, world: World, config: dict,
-                 groups: list[dict]):
+    def __init__(self, model: torch.nn.Module, *, settings: EngineSettings, world: World, config: dict):
         import deepspeed
 
         self.settings, self.world, self.config = settings, world, config
-        optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas)
+        optimizer = adamw(param_groups(model.named_parameters(), settings.weight_decay), lr=settings.lr,
+                          betas=settings.betas)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         _safe_checkpoint_engine(self.ds.checkpoint_engine)
         self.module = self.ds.module
@@ -289,12 +278,26 @@ def build_engine(model: torch.nn.Module, *, settings: EngineSettings, world: Wor
     `params` is an optional iterable of (name, parameter) to train (default: every parameter of `model`
     that requires grad; register projections as submodules of the model so both engines see them).
     """
-    groups = _param_groups(model, params, settings.weight_decay)
+    if settings.activation_checkpointing:
+        _checkpoint_activations(model)
+    if params is not None:  # train only these: freeze the rest so both engines and DDP agree on what trains
+        keep = {id(p) for _, p in params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
     if settings.backend == "torch":
         if settings.zero_stage or settings.offload_optimizer:
             raise ConfigError("zero_stage and offload_optimizer need engine: deepspeed")
-        dist.init(world)
-        return TorchEngine(model, settings=settings, world=world, groups=groups)
+        dist.init(world, device=settings.device)
+        return TorchEngine(model, settings=settings, world=world)
     config = deepspeed_json(settings, world.world_size)  # conflicts fail here, before any compute
-    dist.init(world, need_group=True)
-    return DeepSpeedEngine(model, settings=settings, world=world, config=config, groups=groups)
+    dist.init(world, device=settings.device, need_group=True)
+    return DeepSpeedEngine(model, settings=settings, world=world, config=config)
+
+
+def _checkpoint_activations(model: torch.nn.Module) -> None:
+    """Hugging Face gradient checkpointing on every transformer inside `model` (recompute in backward)."""
+    found = [m for m in model.modules() if getattr(m, "supports_gradient_checkpointing", False)]
+    if not found:
+        raise ConfigError("activation_checkpointing: the trained module holds no Hugging Face model that supports it")
+    for module in found:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

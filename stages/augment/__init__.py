@@ -19,6 +19,7 @@ import torch
 
 from formats import augmented, models
 from formats.taskdata import encode, load_split, pad_batch, with_source
+from kd import teachers
 from kd.augmentation import GloveTable, augment_sentences, banned_token_mask
 from pipeline import log
 from pipeline.assets import resolve_asset
@@ -41,7 +42,7 @@ def _write_part(config: Config, ctx, chunk: int, train, tokenizer, mlm, glove, b
     variants = augment_sentences(
         [t[0] for t in texts], tokenizer, mlm, glove, n_aug=config.n_aug, p_t=config.p_t, top_k=config.top_k,
         max_length=config.data.max_length, batch_size=config.batch_size, seed=ctx.seed,
-        banned=banned, keep_original=config.keep_original, first_index=start)
+        banned=banned, keep_original=config.keep_original, first_index=start, device=next(mlm.parameters()).device)
     rows = [{"id": start + offset, "text": [v, *orig[1:]], "label": label.item()}
             for offset, (orig, label, vs) in enumerate(zip(texts, labels, variants)) for v in vs]
     augmented.write_part(ctx.stage_dir, chunk, rows)
@@ -52,13 +53,14 @@ def _write_part(config: Config, ctx, chunk: int, train, tokenizer, mlm, glove, b
 def teacher_outputs(model, ids, types, pad_id: int, batch_size: int, with_cls: bool) -> dict[str, torch.Tensor]:
     """Class logits [N, C] and optionally [CLS] states [L+1, N, H] of a classifier over encoded examples."""
     model.eval()
+    device = next(model.parameters()).device
     logits, cls = [], []
-    for start in range(0, len(ids), batch_size):
+    for start in log.progress(range(0, len(ids), batch_size), desc="augment teacher", unit="batch"):
         batch = pad_batch(ids[start : start + batch_size], types[start : start + batch_size], pad_id)
-        out = model(**batch, output_hidden_states=with_cls)
-        logits.append(out.logits.float())
+        out = model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=with_cls)
+        logits.append(out.logits.float().cpu())
         if with_cls:
-            cls.append(torch.stack([h[:, 0] for h in out.hidden_states]).float())
+            cls.append(torch.stack([h[:, 0] for h in out.hidden_states]).float().cpu())
     result = {"logits": torch.cat(logits)}
     if with_cls:
         result["cls"] = torch.cat(cls, dim=1)
@@ -78,6 +80,7 @@ def run(config: Config, ctx):
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    device = teachers.pick_device(config.device, ctx.world)  # cuda:LOCAL_RANK; a missing GPU fails here
     train = load_split(with_source(config.data, ctx), "train")
     chunks = -(-len(train) // config.chunk_size)
     mine = [c for c in range(chunks) if c % ctx.world.num_workers == ctx.world.worker]
@@ -91,7 +94,7 @@ def run(config: Config, ctx):
     todo = [c for c in mine if not (ctx.stage_dir / augmented.part_name(c)).is_file()]
     started, made = time.perf_counter(), 0
     if todo:
-        mlm = AutoModelForMaskedLM.from_pretrained(str(mlm_dir)).eval()
+        mlm = AutoModelForMaskedLM.from_pretrained(str(mlm_dir)).eval().to(device)
         glove, banned = GloveTable.load(resolve_asset(config.glove_path)), banned_token_mask(tokenizer)
         for c in log.progress(todo, desc="augment", unit="chunk"):
             made += _write_part(config, ctx, c, train, tokenizer, mlm, glove, banned)
@@ -103,7 +106,7 @@ def run(config: Config, ctx):
 
         left = [c for c in mine if not (ctx.stage_dir / augmented.logits_name(c)).is_file()]
         if left:
-            teacher = AutoModelForSequenceClassification.from_pretrained(str(teacher_folder))
+            teacher = AutoModelForSequenceClassification.from_pretrained(str(teacher_folder)).to(device)
             for c in left:
                 _write_logits(config, ctx, c, teacher, tokenizer)
     if todo:

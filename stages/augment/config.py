@@ -37,6 +37,8 @@ class Config:
     """Masked copies per MLM forward / examples per teacher forward."""
     threads: int | None = field(default=None, metadata={"hash": False})
     """CPU threads for torch (None: torch's default)."""
+    device: str = field(default="auto", metadata={"hash": False})
+    """"auto" (cuda:LOCAL_RANK with a GPU, else cpu), "cpu", "cuda" or "cuda:i" for the MLM and the teacher."""
 
     def __post_init__(self):
         if self.n_aug < 1 or self.top_k < 1 or self.chunk_size < 1 or self.batch_size < 1:

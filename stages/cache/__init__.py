@@ -69,7 +69,7 @@ def run(config: Config, ctx) -> Manifest | None:
                                  whole_word=config.whole_word)
     masker = Masker(spec, tokenizer)
     teacher_dir = models.upstream_model(ctx, config.teacher, config.teacher_path)
-    device = teachers.pick_device(config.device)
+    device = teachers.pick_device(config.device, ctx.world)
     model = teachers.load_masked_lm(teacher_dir, dtype=config.dtype, device=device)
     teachers.check_tokenizer(teacher_dir, tokenizer, model)
     jobs = _jobs(corpus_dir, config)

@@ -8,6 +8,7 @@ from typing import Literal
 from kd.students import StudentConfig
 from pipeline.config import ConfigError
 from pipeline.train.engine import EngineSettings
+from pipeline.train.optim import TrainConfig
 
 
 @dataclass(kw_only=True)
@@ -44,8 +45,12 @@ class LossWeights:
 
 
 @dataclass(kw_only=True)
-class Config:
-    """Distil a student from a teacher on a sharded corpus, from the cache and/or an online teacher."""
+class Config(TrainConfig):
+    """Distil a student from a teacher on a sharded corpus, from the cache and/or an online teacher.
+
+    The training keys (engine, device, precision, lr, schedule, warmup, checkpoints, ...) are
+    `pipeline.train.optim.TrainConfig`'s, shared with every stage that trains.
+    """
 
     corpus: str = field(default="@shard", metadata={"input": True})
     """The shard stage the student trains on."""
@@ -73,85 +78,44 @@ class Config:
     """Masking rate with an online teacher (with a cache its manifest fixes the masks)."""
     mask_seed: int = 0
     """Mask seed with an online teacher."""
-    teacher_dtype: Literal["fp32", "bf16"] = "fp32"
-    """Precision of the online teacher."""
+    teacher_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Precision of the online teacher: auto is bf16 on a GPU that supports it, fp32 on the CPU."""
     engine: Literal["torch", "deepspeed"] = "deepspeed"
     """Training engine: DeepSpeed ZeRO, or plain torch (one process or DDP)."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3."""
-    offload_optimizer: bool = False
-    """DeepSpeed: keep optimizer state on the CPU."""
-    deepspeed_config: str | None = None
-    """Optional DeepSpeed JSON with further ZeRO knobs; values we set must agree or be "auto"."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Training precision (fp16 is not supported: it does not run on CPU)."""
     batch_size: int = 32
     """Global samples per optimizer step (all ranks and accumulation steps together)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
     max_steps: int = 1000
     """Optimizer steps."""
-    lr: float = 1e-4
-    """Peak learning rate."""
-    weight_decay: float = 0.01
-    """AdamW weight decay (not on biases and LayerNorms)."""
-    warmup_steps: int = 0
-    """Linear warmup steps."""
-    min_lr_ratio: float = 0.0
-    """Cosine decay ends at lr * min_lr_ratio."""
-    clip_norm: float | None = 1.0
-    """Gradient norm clipping; None turns it off."""
     shuffle_buffer: int = 1024
     """Samples in the reader's shuffle buffer."""
     eval_every: int = 200
     """Optimizer steps between evaluations on the valid split (0: only at the end)."""
     eval_batches: int = 20
     """Batches of the valid split per evaluation."""
-    checkpoint_every: int = 500
-    """Optimizer steps between checkpoints (0: none but the preemption one)."""
-    keep_last: int = 2
-    """Complete checkpoints kept."""
-    resume: Literal["auto", "none"] = field(default="auto", metadata={"hash": False})
-    """auto: continue from the newest complete checkpoint of this stage; none: start over."""
-    log_every: int = field(default=10, metadata={"hash": False})
-    """Optimizer steps between training log lines."""
-    die_after_steps: int | None = field(default=None, metadata={"hash": False})
-    """Test hook: SIGKILL this process after this many optimizer steps."""
-    preempt_at_step: int | None = field(default=None, metadata={"hash": False})
-    """Test hook: raise the preemption flag after this optimizer step."""
 
     def __post_init__(self):
+        super().__post_init__()
         if (self.teacher is None) == (self.teacher_path is None):
             raise ValueError("set exactly one of teacher (an upstream stage) and teacher_path (a folder)")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.cache is None and self.loss.soft == 0 and self.loss.mlm == 0 and not self.loss.online_only:
             raise ValueError("every loss weight is 0: enable at least one loss")
-        if not 0 <= self.zero_stage <= 3:
-            raise ValueError(f"zero_stage must be 0..3, got {self.zero_stage}")
-        if self.engine == "torch" and (self.zero_stage or self.offload_optimizer or self.deepspeed_config):
-            raise ValueError("zero_stage, offload_optimizer and deepspeed_config need engine: deepspeed")
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "keep_last", "log_every"):
+        for name in ("batch_size", "max_steps", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
-        if self.eval_every < 0 or self.checkpoint_every < 0:
-            raise ValueError("eval_every and checkpoint_every must be >= 0")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if not 0 < self.mask_rate < 1:
             raise ValueError(f"mask_rate must be in (0, 1), got {self.mask_rate}")
 
-    def engine_settings(self, world_size: int) -> EngineSettings:
-        """What the engine needs; a batch that does not split over the ranks is a ConfigError."""
+    def settings_for(self, world) -> EngineSettings:
+        """What the engine needs on this process; a batch that does not split over the ranks is a ConfigError."""
         per_step = self.batch_size // self.grad_accum
-        if per_step % world_size:
+        if per_step % world.world_size:
             raise ConfigError(f"batch_size {self.batch_size} / grad_accum {self.grad_accum} = {per_step} samples per "
-                              f"micro step do not split over {world_size} ranks")
-        return EngineSettings(
-            backend=self.engine, lr=self.lr, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
-            total_steps=self.max_steps, min_lr_ratio=self.min_lr_ratio, micro_batch_size=per_step // world_size,
-            grad_accum=self.grad_accum, clip_norm=self.clip_norm, precision=self.precision,
-            zero_stage=self.zero_stage, offload_optimizer=self.offload_optimizer,
-            deepspeed_config=self.deepspeed_config)
+                              f"micro step do not split over {world.world_size} ranks")
+        return self.engine_settings(total_steps=self.max_steps, micro_batch_size=per_step // world.world_size,
+                                    world=world)

@@ -16,6 +16,7 @@ import torch
 from formats import corpus, models
 from kd import teachers
 from kd.masking import Masker, MaskSpec, mask_spec_from_corpus
+from pipeline import log
 from pipeline.config import ConfigError
 from pipeline.train import dist
 from stages.general.config import Config
@@ -151,8 +152,8 @@ def evaluate(config: Config, ctx, engine, setup: Setup, micro: int) -> dict[str,
     trainee = engine.module
     trainee.eval()
     sums = torch.zeros(6, dtype=torch.float64)  # masked, loss sum, correct, agree, teacher KL sum, teacher correct
-    for _ in range(batches):
-        batch = stream.next_batch()
+    for _ in log.progress(range(batches), desc="general eval", unit="batch"):
+        batch = engine.to_device(stream.next_batch())
         logits, _ = engine.forward(**trainee.inputs(batch))
         logits = logits.float()
         t_logits = teacher_logits(setup.teacher, batch)

@@ -71,6 +71,8 @@ class LossPlan:
     layer_map: list[int]
     student_heads: int
     teacher_heads: int
+    student_layers: int
+    teacher_layers: int
 
     @classmethod
     def check(cls, config: Config, trainee: Trainee, teacher: nn.Module, *, online: bool) -> "LossPlan":
@@ -95,7 +97,8 @@ class LossPlan:
                                   f"{t_cfg.num_attention_heads}; they must match (or set loss.{name}: 0)")
         if weights.attention and 0 in layers:
             raise ConfigError(f"loss.attention: layer map {layers} maps a student layer to the embeddings (0)")
-        return cls(config, layers, s_cfg.num_attention_heads, t_cfg.num_attention_heads)
+        return cls(config, layers, s_cfg.num_attention_heads, t_cfg.num_attention_heads, s_cfg.num_hidden_layers,
+                   t_cfg.num_hidden_layers)
 
     def __call__(self, engine, batch: dict[str, torch.Tensor], setup) -> tuple[torch.Tensor, dict[str, float]]:
         weights = objectives.enabled(self.config.loss)
@@ -103,10 +106,13 @@ class LossPlan:
         need_hidden, need_attn = "hidden" in need, "attention" in need
         trainee = engine.module
         t_logits = t_hidden = t_cap = None
+        s_layers, t_layers = self.captured_layers(weights)
         if setup.online:
-            with AttentionCapture(setup.teacher, keep_qkv=True) if need_attn else nullcontext() as t_cap:
+            capture = AttentionCapture(setup.teacher, keep_qkv=True, layers=t_layers) if need_attn else nullcontext()
+            with capture as t_cap:
                 t_logits, t_hidden = teacher_forward(setup.teacher, batch, hidden=need_hidden)
-        with AttentionCapture(trainee.student, keep_qkv=True) if need_attn else nullcontext() as s_cap:
+        capture = AttentionCapture(trainee.student, keep_qkv=True, layers=s_layers) if need_attn else nullcontext()
+        with capture as s_cap:
             s_logits, s_hidden = engine.forward(**trainee.inputs(batch, need_hidden))
         pair = objectives.Pair(
             batch=batch, student_logits=s_logits, student_hidden=s_hidden, student_capture=s_cap,
@@ -116,10 +122,24 @@ class LossPlan:
             temperature=self.config.temperature, cache_targets=self.config.cache_targets)
         # Each rank's mean counts its own units; weighting by its share of the global count makes the ranks'
         # averaged gradient the gradient of the global mean (equal to one process on the same global batch).
-        shares = {"positions": dist.global_share(torch.tensor(len(batch["labels"])))}
-        shares["tokens"] = dist.global_share(batch["attention_mask"].sum()) if (need_hidden or need_attn) else 1.0
+        # One all-reduce of both counts, on the device, without a host sync.
+        counts = torch.stack([torch.tensor(len(batch["labels"]), device=batch["attention_mask"].device),
+                              batch["attention_mask"].sum()])
+        positions, tokens = dist.global_shares(counts)
         parts = {name: objectives.TERMS[name].fn(pair) for name in weights}
-        return objectives.weighted_sum(parts, weights, shares)
+        return objectives.weighted_sum(parts, weights, {"positions": positions, "tokens": tokens})
+
+    def captured_layers(self, weights: dict) -> tuple[list[int], list[int]]:
+        """0-based student and teacher layers whose query/key the enabled terms read: the mapped layers for
+        the attention MSE, the last layer for MiniLM."""
+        student, teacher = set(), set()
+        if "attention" in weights:
+            student |= {m - 1 for m in range(1, len(self.layer_map) + 1)}
+            teacher |= {g - 1 for g in self.layer_map}
+        if "minilm_attention" in weights or "minilm_value" in weights:
+            student.add(self.student_layers - 1)
+            teacher.add(self.teacher_layers - 1)
+        return sorted(student), sorted(teacher)
 
 
 def export(config: Config, ctx, engine, setup, metrics: dict, layer_map: list[int]):

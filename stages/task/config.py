@@ -9,11 +9,13 @@ from formats.taskdata import (
     TaskData,
 )
 from kd.students import StudentConfig
+from pipeline.train.optim import TrainConfig
 
 
 @dataclass(kw_only=True)
-class Config:
-    """Distil a student classifier from a fine-tuned teacher, then evaluate both side by side."""
+class Config(TrainConfig):
+    """Distil a student classifier from a fine-tuned teacher, then evaluate both side by side (training keys:
+    `pipeline.train.optim.TrainConfig`; the schedule restarts in each phase)."""
 
     data: TaskData = field(default_factory=TaskData)
     """Task data: dev always; train unless `augmented` is given."""
@@ -40,7 +42,11 @@ class Config:
     batch_size: int = 32
     """Examples per step."""
     lr: float = 5e-5
-    """Peak learning rate (linear warm-up for 10% of a phase, then linear decay)."""
+    """Peak learning rate (linear warm-up for 10% of a phase, then linear decay: `schedule`, `warmup_ratio`)."""
+    schedule: Literal["cosine", "linear", "constant"] = "linear"
+    """Decay after warmup, per phase."""
+    warmup_ratio: float = 0.1
+    """Warmup over this share of each phase's steps."""
     temperature: float = 1.0
     """Softmax temperature T of the soft cross-entropy."""
     alpha: float = 0.5
@@ -52,32 +58,33 @@ class Config:
     layer_map: Literal["uniform", "last", "skip"] = "uniform"
     """TinyBERT step 1: teacher layer per student layer (g(m) = m N / M for uniform)."""
     checkpoint_every: int = field(default=200, metadata={"hash": False})
-    """Save resumable training state every N steps."""
-    keep_last: int = field(default=2, metadata={"hash": False})
-    """Checkpoints kept."""
+    """Save resumable training state every N steps (and at the end of each phase)."""
     eval_batch_size: int = field(default=128, metadata={"hash": False})
     """Examples per dev forward."""
     latency_batch_size: int = 32
     """Batch size of the inference-speed comparison."""
     latency_seq_len: int = 64
     """Sequence length of the inference-speed comparison."""
+    latency_device: bool = field(default=True, metadata={"hash": False})
+    """Also measure latency on the training device when it is not the CPU (the CPU figures are always there)."""
     latency_repeats: int = field(default=10, metadata={"hash": False})
     """Timed repeats per model (median reported)."""
     threads: int | None = field(default=None, metadata={"hash": False})
     """CPU threads for torch (None: torch's default)."""
 
     def __post_init__(self):
+        super().__post_init__()
         if bool(self.teacher) == bool(self.teacher_path):
             raise ValueError("give exactly one of teacher (e.g. '@teacher_finetune') or teacher_path")
         if self.student and self.student_path:
             raise ValueError("give student or student_path, not both")
         if self.objective == "tinybert_prediction" and not self.augmented:
             raise ValueError("objective tinybert_prediction reads cached teacher logits: set augmented: '@augment'")
-        for name in ("batch_size", "latency_batch_size", "latency_seq_len", "checkpoint_every", "keep_last"):
+        for name in ("batch_size", "latency_batch_size", "latency_seq_len", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0 or self.lr <= 0:
-            raise ValueError("temperature and lr must be > 0")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 

@@ -1,10 +1,10 @@
 """The `task` stage's training: student classifier construction, per-phase losses, checkpoints, exact resume.
 
-Training goes through the shared engine (`pipeline.train.engine`, the torch backend) and checkpoints through
-`pipeline.train.checkpoint`, like the `general` stage. Batches are a pure function of (seed, phase, epoch, step), the
-learning rate a pure function of the step, and a checkpoint holds weights, optimizer moments and the RNG
-state (hashed in its meta.json), so resuming from `ckpt/step-N/` gives bit-identical weights to a run that
-never stopped.
+Training is the one loop of `pipeline.train.trainer` (torch or DeepSpeed ZeRO, any device, several ranks each
+taking its slice of every global batch), one engine per phase, checkpoints through `pipeline.train.checkpoint`.
+Batches are a pure function of (seed, phase, epoch, step), the learning rate a pure function of the step, and
+a checkpoint holds weights, optimizer moments and the RNG state (hashed in its meta.json), so resuming from
+`ckpt/step-N/` gives bit-identical weights to a run that never stopped.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from torch import nn
 from formats.taskdata import pad_batch
 from kd import losses
 from kd.introspect import AttentionCapture
+from kd.teachers import ATTENTION, place
 from pipeline import log
 from pipeline.config import ConfigError
 from pipeline.manifest import ManifestError
-from pipeline.train import checkpoint
-from pipeline.train.engine import EngineSettings, build_engine
+from pipeline.train import checkpoint, dist, trainer
+from pipeline.train.engine import build_engine
 from stages.task.config import Config
 
 CKPT = "ckpt"
@@ -41,7 +42,7 @@ def build_classifier(folder, student_init, teacher, num_labels: int):
 
     if folder is not None:
         student = AutoModelForSequenceClassification.from_pretrained(
-            str(folder), num_labels=num_labels, attn_implementation="eager")
+            str(folder), num_labels=num_labels, attn_implementation=ATTENTION)
     else:
         mlm = build_student(student_init, teacher)
         cfg = mlm.config
@@ -63,37 +64,39 @@ def _projection(student, teacher) -> nn.Module:
     return nn.Identity() if s == t else nn.Linear(s, t)
 
 
-def _intermediate_loss(config: Config, student, teacher, proj, batch) -> torch.Tensor:
-    mask = batch["attention_mask"]
+class Trainee(nn.Module):
+    """Student plus its projection to the teacher's width: one module for the engine and its checkpoints;
+    its forward is the student's, so DDP and DeepSpeed see every student forward."""
+
+    def __init__(self, student: nn.Module, proj: nn.Module):
+        super().__init__()
+        self.student, self.proj = student, proj
+
+    def forward(self, **batch):
+        return self.student(**batch)
+
+
+def _intermediate_loss(config: Config, trainee, forward, teacher, batch) -> torch.Tensor:
+    student, proj, mask = trainee.student, trainee.proj, batch["attention_mask"]
     heads = student.config.num_attention_heads
     if heads > teacher.config.num_attention_heads:
         raise ConfigError(f"TinyBERT attention loss: the student has more heads ({heads}) than the teacher "
                           f"({teacher.config.num_attention_heads})")
     mapping = losses.layer_map(config.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    with AttentionCapture(student) as s_cap, AttentionCapture(teacher) as t_cap:
-        s_out = student(**batch, output_hidden_states=True)
+    pairs = [(m, g) for m, g in enumerate(mapping, start=1) if g > 0]  # attention pairs: scores of these only
+    with AttentionCapture(student, layers=[m - 1 for m, _ in pairs]) as s_cap, \
+            AttentionCapture(teacher, layers=[g - 1 for _, g in pairs]) as t_cap:
+        s_out = forward(**batch, output_hidden_states=True)
         with torch.no_grad():
             t_out = teacher(**batch, output_hidden_states=True)
-            t_scores = [s.detach() for s in t_cap.scores(mask)]
-        s_scores = s_cap.scores(mask)
+            t_scores = {g: t_cap.score(g - 1, mask).detach() for _, g in pairs}
     loss = losses.hidden_mse(proj(s_out.hidden_states[0]), t_out.hidden_states[0], mask)
     for m, g in enumerate(mapping, start=1):
         loss = loss + losses.hidden_mse(proj(s_out.hidden_states[m]), t_out.hidden_states[g], mask)
         if g > 0:
             # A student with fewer heads (cut with keep_heads) learns the teacher heads it was cut from.
-            loss = loss + losses.attention_mse(s_scores[m - 1], t_scores[g - 1][:, :heads], mask)
+            loss = loss + losses.attention_mse(s_cap.score(m - 1, mask), t_scores[g][:, :heads], mask)
     return loss
-
-
-def _teacher_targets(teacher, batch, cached, pick, want_cls: bool, counts: dict):
-    """Teacher logits (and [CLS] per layer) for a batch: from the cache when it has them, else a forward."""
-    if cached is not None and (not want_cls or "cls" in cached):
-        cls = [c for c in cached["cls"][:, pick]] if want_cls else None
-        return cached["logits"][pick], cls
-    counts["teacher_train_examples"] += len(pick)
-    with torch.no_grad():
-        out = teacher(**batch, output_hidden_states=want_cls)
-    return out.logits, [h[:, 0] for h in out.hidden_states] if want_cls else None
 
 
 def _soft(config: Config, s_logits, t_logits, regression: bool):
@@ -102,16 +105,25 @@ def _soft(config: Config, s_logits, t_logits, regression: bool):
     return losses.task_soft_ce(s_logits, t_logits, config.temperature)
 
 
-def phase_loss(phase: str, config: Config, student, teacher, proj, batch, labels, cached, pick, counts, regression):
+def phase_loss(phase: str, config: Config, trainee, forward, teacher, batch: dict, regression: bool) -> torch.Tensor:
+    """One micro-batch's loss of `phase`; `forward` runs the student (the engine's forward), `batch` holds the
+    model inputs, `labels` and, when the cache has them, the teacher's `t_logits` (and `t_cls`)."""
+    batch = dict(batch)
+    labels, t_logits, t_cls = batch.pop("labels"), batch.pop("t_logits", None), batch.pop("t_cls", None)
     if phase == "intermediate":
-        counts["teacher_train_examples"] += len(pick)
-        return _intermediate_loss(config, student, teacher, proj, batch)
+        return _intermediate_loss(config, trainee, forward, teacher, batch)
     want_cls = phase == "pkd"
-    t_logits, t_cls = _teacher_targets(teacher, batch, cached, pick, want_cls, counts)
-    s_out = student(**batch, output_hidden_states=want_cls)
+    if t_logits is None or (want_cls and t_cls is None):
+        with torch.no_grad():
+            out = teacher(**batch, output_hidden_states=want_cls)
+        t_logits, t_cls = out.logits, ([h[:, 0] for h in out.hidden_states] if want_cls else None)
+    elif want_cls:
+        t_cls = list(t_cls.unbind(0))
+    s_out = forward(**batch, output_hidden_states=want_cls)
     soft = _soft(config, s_out.logits, t_logits, regression)
     if phase == "prediction":
         return soft
+    student = trainee.student
     hard = losses.hard_loss(s_out.logits, labels, regression=regression)
     m_count = student.config.num_hidden_layers
     mapping = losses.layer_map(config.pkd_layers, m_count, teacher.config.num_hidden_layers)[:-1]
@@ -120,14 +132,6 @@ def phase_loss(phase: str, config: Config, student, teacher, proj, batch, labels
         s_cls = [s_out.hidden_states[m][:, 0] for m in range(1, m_count)]
         loss = loss + config.beta * losses.pkd_cls_mse(s_cls, [t_cls[g] for g in mapping])
     return loss
-
-
-class Trainee(nn.Module):
-    """Student plus its projection to the teacher's width: one module for the engine and its checkpoints."""
-
-    def __init__(self, student: nn.Module, proj: nn.Module):
-        super().__init__()
-        self.student, self.proj = student, proj
 
 
 def _saved_state(found: Path | None) -> dict | None:
@@ -141,59 +145,89 @@ def _saved_state(found: Path | None) -> dict | None:
         raise ManifestError(f"{path}: unreadable checkpoint state ({err}); delete {found} to resume from an earlier one") from None
 
 
-def _settings(config: Config, total: int) -> EngineSettings:
-    # Linear warm-up over the first 10% of a phase, then decay to zero: the shared engine's schedule.
-    return EngineSettings(backend="torch", lr=config.lr, weight_decay=0.01, warmup_steps=max(1, int(0.1 * total)),
-                          total_steps=total, min_lr_ratio=0.0, micro_batch_size=config.batch_size, grad_accum=1,
-                          clip_norm=1.0, precision="fp32")
+def _phase_params(trainee: Trainee, phase: str, trainable: set[str]) -> list:
+    """What a phase trains: step 1 (hidden states and scores) the student's embeddings and layers and the
+    projection; the prediction layer and PKD every trainable student parameter. The rest gets no gradient
+    in that phase, so leaving it out changes nothing and lets DDP see only parameters that are used."""
+    student = trainee.student
+    if phase == "intermediate":
+        named = [(f"student.{student.base_model_prefix}.{n}", p) for n, p in student.base_model.named_parameters()
+                 if not n.startswith("pooler.")] + [(f"proj.{n}", p) for n, p in trainee.proj.named_parameters()]
+    else:
+        named = [(f"student.{n}", p) for n, p in student.named_parameters()]
+    return [(n, p) for n, p in named if n in trainable]
 
 
-def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, regression: bool) -> dict:
-    """Run the objective's phases through the shared engine; checkpoint every `checkpoint_every` steps into
-    `ckpt/step-N/` (pipeline.train.checkpoint) and resume from the newest complete one."""
+def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, regression: bool):
+    """Run the objective's phases through the one trainer; checkpoint every `checkpoint_every` steps (and at the
+    end of each phase) into `ckpt/step-N/` and resume from the newest complete one. Returns (counts, the
+    trained student: a CPU fp32 copy on rank 0, None on the other ranks)."""
     ids, types, labels = data
-    n = len(ids)
+    n, world = len(ids), ctx.world
     per_epoch = math.ceil(n / config.batch_size)
     root = ctx.stage_dir / CKPT
     trainee = Trainee(student, _projection(student, teacher))
-    teacher.eval()
-    found = checkpoint.latest(root)
+    trainable = {name for name, p in trainee.named_parameters() if p.requires_grad}
+    found = checkpoint.latest(root) if config.resume == "auto" else None
     state = _saved_state(found)
     if found is not None:
         log.info(f"task: resuming from {found.name} (phase {state['phase']}, step {state['step']})")
     counts = {"teacher_train_examples": 0, "steps": 0, "resumed_from_step": state["global_step"] if state else 0}
-    global_step = 0
+    global_step, engine = 0, None
     for index, (phase, epochs) in enumerate(config.phases()):
         total = max(1, int(epochs * per_epoch))
         total = min(total, config.max_steps) if config.max_steps else total
         if state is not None and state["phase"] > index:
             global_step += total
             continue
-        engine = build_engine(trainee, settings=_settings(config, total), world=ctx.world)
-        step = 0
+        if engine is not None:  # a fresh module per phase: DeepSpeed (ZeRO-3 above all) wraps a module once
+            trainee = _fresh(engine, trainee, teacher)
+        settings = config.engine_settings(total_steps=total, micro_batch_size=-(-config.batch_size // world.world_size),
+                                          world=world)
+        place(teacher, settings.device, "auto")
+        engine = build_engine(trainee, settings=settings, world=world, params=_phase_params(trainee, phase, trainable))
         if state is not None and state["phase"] == index:
-            step = checkpoint.load(found, engine, ctx.world)["step"]
+            checkpoint.load(found, engine, world)
         trainee.train()
-        while step < total:
-            epoch, offset = divmod(step, per_epoch)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed * 7919 + index * 101 + epoch))
-            pick = order[offset * config.batch_size : (offset + 1) * config.batch_size]
+        start = engine.global_step
+        seed = ctx.seed * 7919 + index * 101
+
+        def next_batch():
+            pick = trainer.example_indices(engine.global_step, n, config.batch_size, seed, world)
             batch = pad_batch([ids[i] for i in pick], [types[i] for i in pick], pad_id)
-            target = torch.as_tensor(labels[pick.numpy()])
-            loss = phase_loss(phase, config, trainee.student, teacher, trainee.proj, batch, target, cached, pick,
-                              counts, regression)
-            engine.backward(loss)
-            engine.step()
-            step += 1
-            counts["steps"] += 1
-            ctx.tracker.log_metrics({f"{phase}_loss": loss.item()}, global_step + step)
-            if step % config.checkpoint_every == 0 or step == total:
-                checkpoint.save(root, global_step + step, engine,
-                                {"phase": index, "step": step, "global_step": global_step + step}, ctx.world,
-                                keep_last=config.keep_last, meta={"metrics": {f"{phase}_loss": loss.item()}})
-            if step % 50 == 0 or step == total:
-                log.info(f"task: {phase} step {step}/{total} loss {loss.item():.4f}")
+            batch["labels"] = torch.as_tensor(labels[pick.numpy()])
+            want_cls = phase == "pkd"
+            if phase != "intermediate" and cached is not None and (not want_cls or "cls" in cached):
+                batch["t_logits"] = cached["logits"][pick]
+                if want_cls:
+                    batch["t_cls"] = cached["cls"][:, pick]
+            else:
+                counts["teacher_train_examples"] += len(pick)
+            return batch
+
+        def loss(batch):
+            share = dist.global_shares(torch.tensor([len(batch["labels"])], device=batch["labels"].device))[0]
+            value = phase_loss(phase, config, trainee, engine.forward, teacher, batch, regression) * share
+            return value, {"total": value}
+
+        offset = global_step
+        trainer.fit(engine, config, total=total, next_batch=next_batch, loss=loss, ctx=ctx, root=root,
+                    desc=f"task {phase}", step_offset=offset, save_final=True, loss_metric=f"{phase}_loss",
+                    state=lambda: {"phase": index, "step": engine.global_step,
+                                   "global_step": offset + engine.global_step})
+        counts["steps"] += engine.global_step - start
         global_step += total
         state = None
-    student.eval()
-    return counts
+    counts["teacher_train_examples"] = int(dist.all_reduce_sum(torch.tensor(counts["teacher_train_examples"])))
+    trained = engine.exported(lambda: type(student)(student.config), prefix="student.")
+    return counts, trained
+
+
+def _fresh(engine, trainee: Trainee, teacher) -> Trainee:
+    """A new CPU Trainee holding the engine's current weights (gathered on every rank)."""
+    state = engine.state_dict_for_export()
+    student = trainee.student
+    with torch.random.fork_rng(devices=[]):
+        fresh = Trainee(type(student)(student.config), _projection(student, teacher))
+    fresh.load_state_dict(state, strict=True)
+    return fresh

@@ -5,11 +5,15 @@ released. This stage trains one (AdamW, linear warm-up/decay, evaluation every `
 score kept, stop after `patience` evaluations without improvement) and saves it in HF format with its dev
 metrics. With `finetuned: true` the given model already is the task teacher: nothing is trained, it is
 only evaluated and saved, so the rest of the recipe is unchanged.
+
+Training is the one loop of `pipeline.train.trainer` (any device, torch or DeepSpeed ZeRO, several ranks each
+taking its slice of every global batch). Batches are a pure function of (seed, epoch, step), and a
+checkpoint (`checkpoints/step-N/`) holds the engine, the early-stopping state and the best weights so far,
+so a resumed run ends with the same model as one that never stopped.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -25,21 +29,23 @@ from formats.taskdata import (
     with_source,
 )
 from kd import metrics as task_metrics
+from kd.teachers import ATTENTION
 from pipeline import log
 from pipeline.assets import resolve_asset
 from pipeline.config import ConfigError
-
-LAUNCH = "single"
-
-
+from pipeline.train import device as devices
+from pipeline.train import checkpoint, dist, trainer
+from pipeline.train.engine import build_engine
 from stages.teacher_finetune.config import Config
+
+LAUNCH = "distributed"
 
 
 def load_classifier(path: Path, num_labels: int, label_names: list[str]):
-    """AutoModelForSequenceClassification from a local folder, with eager attention (maps are needed later)."""
+    """AutoModelForSequenceClassification from a local folder (SDPA attention: maps are recomputed by hooks)."""
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = {"num_labels": num_labels, "attn_implementation": "eager"}
+    kwargs = {"num_labels": num_labels, "attn_implementation": ATTENTION}
     if label_names:
         kwargs.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     return AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
@@ -51,49 +57,51 @@ def evaluate(model, dev_ids, dev_types, dev_labels, pad_id: int, preset, batch_s
     return task_metrics.compute(list(preset.metrics), preds, dev_labels), preds
 
 
-def _optimizer(model, config: Config, total_steps: int):
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    warmup = max(1, int(config.warmup_ratio * total_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
-    return opt, sched
-
-
-def train(model, config: Config, train_enc, dev_enc, preset, pad_id: int, seed: int, tracker=None) -> tuple[dict, int]:
-    """Train with early stopping; load the best dev state back into `model`; return its metrics and steps run."""
+def train(model, config: Config, train_enc, dev_enc, preset, pad_id: int, ctx) -> tuple[dict, int, torch.nn.Module]:
+    """Train with early stopping; return the best dev metrics, the steps run and (rank 0) the best model."""
     ids, types, labels = train_enc
     per_epoch = -(-len(ids) // config.batch_size)
     total = min(config.max_steps or per_epoch * config.epochs, per_epoch * config.epochs)
-    opt, sched = _optimizer(model, config, total)
-    gen = torch.Generator().manual_seed(seed)
-    best, best_state, bad, step = None, None, 0, 0
-    model.train()
-    while step < total and bad < config.patience:
-        for pick in torch.randperm(len(ids), generator=gen).split(config.batch_size):
-            batch = pad_batch([ids[i] for i in pick], [types[i] for i in pick], pad_id)
-            target = torch.as_tensor(labels[pick.numpy()])
-            out = model(**batch, labels=target.float() if preset.regression else target)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-            step += 1
-            if step % config.eval_every == 0 or step == total:
-                scores, _ = evaluate(model, *dev_enc, pad_id, preset, config.eval_batch_size)
-                log.info(f"teacher_finetune: step {step}/{total} loss {out.loss.item():.4f} dev {scores}")
-                if tracker is not None:
-                    tracker.log_metrics({"loss": out.loss.item(), **{f"dev_{k}": v for k, v in scores.items()}}, step)
-                if best is None or scores["score"] > best["score"]:
-                    best, best_state, bad = scores, copy.deepcopy(model.state_dict()), 0
-                else:
-                    bad += 1
-                model.train()
-            if step >= total or bad >= config.patience:
-                break
-    model.load_state_dict(best_state)
-    return best, step
+    world = ctx.world
+    settings = config.engine_settings(total_steps=total, micro_batch_size=-(-config.batch_size // world.world_size),
+                                      world=world)
+    engine = build_engine(model, settings=settings, world=world)
+    root = ctx.stage_dir / "checkpoints"
+    state, folder = trainer.resume(config, root, engine, world)
+    track = state or {"best": None, "bad": 0, "best_step": 0}
+    best_weights = checkpoint.load_tensors(folder) if folder is not None else {}
+
+    def next_batch():
+        pick = trainer.example_indices(engine.global_step, len(ids), config.batch_size, ctx.seed * 7919, world)
+        batch = pad_batch([ids[i] for i in pick], [types[i] for i in pick], pad_id)
+        target = torch.as_tensor(labels[pick.numpy()])
+        batch["labels"] = target.float() if preset.regression else target
+        return batch
+
+    def loss(batch):
+        share = dist.global_shares(torch.tensor([len(batch["labels"])], device=batch["labels"].device))[0]
+        value = engine.forward(**batch).loss * share
+        return value, {"total": value}
+
+    def on_eval(step: int) -> dict:
+        scores, _ = evaluate(engine.module, *dev_enc, pad_id, preset, config.eval_batch_size)
+        log.info(f"teacher_finetune: step {step}/{total} dev {scores}")
+        if track["best"] is None or scores["score"] > track["best"]["score"]:
+            track.update(best=scores, bad=0, best_step=step)
+            best_weights.clear()
+            best_weights.update(engine.state_dict_for_export())
+        else:
+            track["bad"] += 1
+        return {f"dev_{k}": v for k, v in scores.items()}
+
+    trainer.fit(engine, config, total=total, next_batch=next_batch, loss=loss, ctx=ctx, root=root,
+                desc="teacher_finetune", state=lambda: dict(track), evaluate=on_eval, eval_every=config.eval_every,
+                eval_final=True, stop=lambda _: track["bad"] >= config.patience,
+                tensors=lambda: best_weights)
+    best = engine.exported(lambda: type(model)(model.config))
+    if best is not None and best_weights:
+        best.load_state_dict(best_weights, strict=True)
+    return track["best"], engine.global_step, best
 
 
 def run(config: Config, ctx):
@@ -102,6 +110,7 @@ def run(config: Config, ctx):
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    where = devices.resolve(config.device, ctx.world)  # a missing GPU fails here, before any loading
     torch.manual_seed(ctx.seed)
     source = resolve_asset(config.teacher_path)
     tokenizer = AutoTokenizer.from_pretrained(str(source))
@@ -116,16 +125,18 @@ def run(config: Config, ctx):
     steps = 0
     if not config.finetuned:
         train_enc = (*encode(tokenizer, train_ex.texts, config.data.max_length), train_ex.labels)
-        _, steps = train(model, config, train_enc, dev_enc, preset, tokenizer.pad_token_id, ctx.seed, ctx.tracker)
-    scores, preds = evaluate(model, *dev_enc, tokenizer.pad_token_id, preset, config.eval_batch_size)
+        _, steps, model = train(model, config, train_enc, dev_enc, preset, tokenizer.pad_token_id, ctx)
+    if ctx.world.rank != 0:
+        dist.barrier()  # rank 0 evaluates and writes; this rank's manifest is never written
+        return ctx.manifest(config, models.model_outputs(ctx.stage_dir), {}, {})
+    scores, preds = evaluate(model.to(where), *dev_enc, tokenizer.pad_token_id, preset, config.eval_batch_size)
     log.info(f"teacher_finetune: dev {scores} after {steps} steps")
     metrics = {**{f"dev_{k}": v for k, v in scores.items()}, "steps": steps, "train_examples": len(train_ex)}
     outputs = models.save_model(model, tokenizer, ctx.stage_dir, labels=None if preset.regression else train_ex.label_names,
                                 examples=[t[0] for t in dev_ex.texts[:3]], card=models.card(ctx, metrics))
+    dist.barrier()
     extra = {"model_dir": models.MODEL_DIR, "task": config.data.task, "label_names": train_ex.label_names,
              "num_labels": num_labels, "regression": preset.regression, "finetuned_here": not config.finetuned}
     if not preset.regression:
         extra["confusion_matrix"] = task_metrics.confusion_matrix(preds, dev_ex.labels, range(num_labels)).tolist()
     return ctx.manifest(config, outputs, metrics, extra)
-
-

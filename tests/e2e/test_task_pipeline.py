@@ -23,6 +23,7 @@ stages:
     batch_size: 16
     eval_every: 2
     lr: 1.0e-3
+    device: cpu
   teacher_given:
     stage: teacher_finetune
     teacher_path: {run}/teacher_finetune/model
@@ -44,6 +45,7 @@ stages:
     batch_size: 8
     checkpoint_every: 2
     keep_last: 10
+    device: cpu
     latency_repeats: 1
     latency_batch_size: 2
     latency_seq_len: 8

@@ -30,6 +30,7 @@ stages:
     lr: 0.05
     eval_samples: 32
     device: cpu
+    checkpoint_every: 20
   cache:
     teacher: "@teacher_adapt"
     k: 4
@@ -103,3 +104,26 @@ def test_both_or_neither_teacher_field_is_a_config_error(adapted):
     root, _ = adapted
     with pytest.raises(ConfigError, match="exactly one of teacher"):
         load_recipe(root / "recipe.yaml", ["stages.teacher_adapt.teacher=@shard"])
+
+
+def test_resume_gives_the_same_weights(adapted, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from pipeline.runner import run_stage
+    from pipeline.world import World
+
+    root, _ = adapted
+    copy = tmp_path / "run"
+    for stage in ("shard", "teacher_adapt"):
+        shutil.copytree(root / "run" / stage, copy / stage)
+    # As if killed after the step-40 checkpoint (of 60 steps).
+    assert sorted(p.name for p in (copy / "teacher_adapt" / "checkpoints").iterdir()) == ["step-40", "step-60"]
+    shutil.rmtree(copy / "teacher_adapt" / "checkpoints" / "step-60")
+    shutil.rmtree(copy / "teacher_adapt" / "model")
+    (copy / "teacher_adapt" / "manifest.json").unlink()
+    run_stage(load_recipe(root / "recipe.yaml"), "teacher_adapt", copy, world=World())
+    before = load_file(str(root / "run" / "teacher_adapt" / "model" / "model.safetensors"))
+    after = load_file(str(copy / "teacher_adapt" / "model" / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

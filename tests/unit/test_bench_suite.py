@@ -33,3 +33,15 @@ def test_bench_verb_is_wired_into_the_cli():
     cli.COMMANDS[:] = _extra_commands()
     args = build_parser().parse_args(["bench", "--quick", "--out", "x.json"])
     assert args.quick and args.out == "x.json" and isinstance(args.func, types.FunctionType)
+
+
+def test_bench_gpu_without_a_gpu_is_one_line_and_exit_2(repo):
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--gpu"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("distill: error:")]
+    assert len(errors) == 1 and "no CUDA GPU is visible" in errors[0] and "Traceback" not in done.stderr

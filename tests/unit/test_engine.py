@@ -113,3 +113,97 @@ def test_torch_engine_save_load_continues_bit_equal(tmp_path):
 def test_torch_engine_refuses_zero_settings():
     with pytest.raises(ConfigError, match="deepspeed"):
         build_engine(_model(), settings=EngineSettings(backend="torch", zero_stage=2), world=World())
+
+
+def test_linear_and_constant_schedules():
+    kw = dict(lr=1.0, warmup_steps=2, total_steps=6, min_lr_ratio=0.0)
+    assert [lr_at(s, schedule="linear", **kw) for s in range(7)] == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0])
+    assert [lr_at(s, schedule="constant", **kw) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_at(4, schedule="linear", lr=2.0, warmup_steps=0, total_steps=8, min_lr_ratio=0.5) == pytest.approx(1.5)
+
+
+def test_param_groups_decay_only_matrices_and_skip_frozen():
+    from pipeline.train.optim import param_groups
+
+    model = _model()
+    model[0].bias.requires_grad_(False)
+    decay, no_decay = param_groups(model.named_parameters(), 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [(16, 6), (1, 16)]
+    assert [p.shape for p in no_decay["params"]] == [(1,)]
+
+
+def test_zero_offload_trains_and_resumes_bit_equal(tmp_path):
+    settings = EngineSettings(backend="deepspeed", zero_stage=2, offload_optimizer=True, **SETTINGS)
+    assert deepspeed_json(settings, 1)["zero_force_ds_cpu_optimizer"] is False  # torch AdamW, no JIT build
+    straight = build_engine(_model(), settings=settings, world=World())
+    expected = _train(straight, 8)
+    plain = _train(build_engine(_model(), settings=EngineSettings(backend="torch", **SETTINGS), world=World()), 8)
+    assert straight.global_step == 4 and expected == pytest.approx(plain, rel=1e-5, abs=1e-6)  # it trains, the same way
+    first = build_engine(_model(), settings=settings, world=World())
+    _train(first, 4)
+    first.save(tmp_path / "engine")
+    second = build_engine(_model(), settings=settings, world=World())
+    second.load(tmp_path / "engine")
+    assert second.global_step == 2
+    assert _train(second, 4, first=4) == expected[4:]
+    for name, tensor in straight.state_dict_for_export().items():
+        assert torch.equal(second.state_dict_for_export()[name], tensor), name
+
+
+TRAINING_STAGES = ("teacher_adapt", "general", "teacher_finetune", "task")
+
+
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
+def test_every_training_stage_uses_the_one_trainer(repo, stage):
+    """One definition: every training stage's Config is a TrainConfig, and no stage builds its own optimizer,
+    schedule, clipping or backward pass (the trainer and engine own those)."""
+    import importlib
+
+    from pipeline.train.optim import TrainConfig
+
+    assert issubclass(importlib.import_module(f"stages.{stage}.config").Config, TrainConfig)
+    source = "\n".join(p.read_text() for p in sorted((repo / "stages" / stage).glob("*.py")))
+    for own in ("torch.optim", "lr_scheduler", "AdamW(", "clip_grad_norm_", ".backward(", "optimizer.step"):
+        assert own not in source, f"stages/{stage} has {own!r}: use pipeline.train (trainer.fit, build_engine)"
+    assert "trainer.fit(" in source and "build_engine(" in source
+
+
+def test_torch_engine_autocasts_on_the_device_type():
+    settings = EngineSettings(backend="torch", precision="bf16", **SETTINGS)
+    engine = build_engine(_model(), settings=settings, world=World())
+    assert engine.device == torch.device("cpu")
+    assert engine.forward(torch.randn(4, 6)).dtype == torch.bfloat16
+
+
+def test_compiled_engine_trains_like_the_eager_one():
+    def model():  # no dropout: compiled code draws its masks from another RNG stream
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    settings = dict(backend="torch", **SETTINGS)
+    eager = _train(build_engine(model(), settings=EngineSettings(**settings), world=World()), 4)
+    compiled = build_engine(model(), settings=EngineSettings(compile=True, **settings), world=World())
+    assert compiled.wrapped is not compiled.module  # the forward runs through torch.compile
+    assert _train(compiled, 4) == pytest.approx(eager, rel=1e-4, abs=1e-5)
+
+
+def test_activation_checkpointing_recomputes_and_keeps_the_gradients():
+    from transformers import BertConfig, BertModel
+
+    def bert():
+        torch.manual_seed(0)
+        return BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+    ids = torch.randint(0, 50, (2, 7))
+    grads = []
+    for checkpointing in (False, True):
+        engine = build_engine(bert(), settings=EngineSettings(backend="torch", activation_checkpointing=checkpointing),
+                              world=World())
+        assert engine.module.is_gradient_checkpointing == checkpointing
+        engine.backward(engine.forward(input_ids=ids).last_hidden_state.pow(2).mean())
+        grads.append(engine.module.encoder.layer[0].attention.self.query.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        build_engine(_model(), settings=EngineSettings(backend="torch", activation_checkpointing=True), world=World())
