@@ -4,11 +4,11 @@ A shard is a webdataset tar of `.npy` members (fixed names, mtimes, owners and m
 always give the same bytes), written to a temporary name, fsynced and renamed. Reading gives a
 deterministic, resumable sample stream.
 
-The global order of samples for (seed, epoch) depends only on the manifest: shard order is a seeded
-permutation and a seeded, bounded shuffle buffer mixes samples across neighbouring shards. Rank r of w
-takes global positions start + r, start + r + w, ...; a state saved after N global samples resumes at
-position N on any world size. DataLoader workers split a rank's positions further, round-robin, so with
-batch_size=1 per worker the rank sees the same order as without workers.
+Reading is split by whole shards: each epoch a seeded permutation of the shards is cut into shuffle
+windows (consecutive shards holding at least `shuffle_buffer` samples), window i belongs to reader i % R of
+the R = ranks x DataLoader workers readers, and a reader reads only its own shards, one window at a time,
+in an order fixed by (seed, epoch, window). The resumable state counts samples taken per window, so it does
+not depend on the world size (see CorpusReader).
 """
 
 from __future__ import annotations
@@ -194,34 +194,49 @@ def _sample(key: str, members: dict[str, memoryview]) -> Sample:
     return Sample(key, ids, types)
 
 
-def global_order(counts: list[int], *, seed: int, epoch: int, shuffle: bool, buffer: int) -> Iterator[tuple[int, int]]:
-    """(shard, index) of every sample in the global order for (seed, epoch); a function of `counts` alone."""
-    shards = np.random.default_rng([seed, epoch, 0]).permutation(len(counts)) if shuffle else range(len(counts))
+def epoch_windows(counts: list[int], *, seed: int, epoch: int, shuffle: bool, buffer: int) -> list[list[int]]:
+    """The shuffle windows of (seed, epoch): consecutive shards of a seeded shard permutation, grouped until a
+    window holds at least `buffer` samples (one shard per window, in manifest order, without shuffling).
+
+    A function of the manifest's sample counts alone, never of the world size: windows are the unit that
+    readers own, and the unit a resumable state counts in.
+    """
     if not shuffle:
-        for s in shards:
-            for j in range(counts[s]):
-                yield s, j
-        return
-    rng = np.random.default_rng([seed, epoch, 1])
-    draws, used = rng.random(4096), 0
-    pool: list[tuple[int, int]] = []
-    for s in shards:
-        for j in range(counts[s]):
-            if len(pool) < buffer:
-                pool.append((int(s), j))
-                continue
-            if used == len(draws):
-                draws, used = rng.random(4096), 0
-            k = int(draws[used] * buffer)
-            used += 1
-            yield pool[k]
-            pool[k] = (int(s), j)
-    for k in np.random.default_rng([seed, epoch, 2]).permutation(len(pool)):
-        yield pool[k]
+        return [[s] for s in range(len(counts))]
+    windows, current, held = [], [], 0
+    for s in np.random.default_rng([seed, epoch, 0]).permutation(len(counts)):
+        current.append(int(s))
+        held += counts[s]
+        if held >= buffer:
+            windows.append(current)
+            current, held = [], 0
+    return windows + ([current] if current else [])
+
+
+def window_order(size: int, *, seed: int, epoch: int, window: int, shuffle: bool) -> np.ndarray:
+    """The order in which a window's samples (its shards' samples, one shard after another) are read."""
+    if not shuffle:
+        return np.arange(size)
+    return np.random.default_rng([seed, epoch, 1, window]).permutation(size)
+
+
+Cursor = tuple[int, int, int]
+"""(epoch, window, samples of the window taken so far): how far one sample moves a reader's state."""
 
 
 class CorpusReader(IterableDataset):
-    """Samples of one split in the global order for (seed, epoch), this rank's share, resumable exactly."""
+    """Samples of one split for (seed, epoch): this rank's (and DataLoader worker's) disjoint windows of shards.
+
+    Reader q of R (R = world_size x DataLoader workers, q = rank + world_size x worker) owns every window
+    whose index i has i % R == q, reads only those shards and shuffles within each window. The state counts,
+    per window, how many samples were taken; it does not mention the world size, so a state saved on 2 ranks
+    resumes on 1 or 3: finished windows are skipped, a started window continues where it stopped (its order
+    is fixed by (seed, epoch, window)), whichever reader owns it now.
+
+    Why our own code and not webdataset's split_by_node/split_by_worker with its shuffle: those deal shards
+    the same way but keep no state, and a resumed run would see samples twice; mosaicml-streaming resumes
+    elastically but only from its own MDS shards, and the corpus must stay plain webdataset tars.
+    """
 
     def __init__(self, shard_dir: Path, split: str = "train", *, seed: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 1024, rank: int = 0, world_size: int = 1, epoch: int = 0,
@@ -237,7 +252,11 @@ class CorpusReader(IterableDataset):
         self.hashes = [outputs[p.name].sha256 for p in self.paths]
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.rank, self.world_size, self.loop, self.verify = rank, world_size, loop, verify
-        self.epoch, self.offset = epoch, 0
+        self.epoch = epoch
+        self.taken: dict[int, dict[int, int]] = {}
+        """epoch -> window -> samples taken, for epochs at or after `epoch` that were started."""
+        self._totals: dict[int, int] = {}
+        self._windows: dict[int, list[list[int]]] = {}
         self._verified: set[int] = set()
 
     @property
@@ -245,17 +264,61 @@ class CorpusReader(IterableDataset):
         """Samples in one epoch of the split (all ranks together)."""
         return sum(self.counts)
 
+    def windows(self, epoch: int) -> list[list[int]]:
+        """The shuffle windows of one epoch (shard indices), cached."""
+        if epoch not in self._windows:
+            self._windows = {e: w for e, w in self._windows.items() if e >= epoch - 1}
+            self._windows[epoch] = epoch_windows(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+                                                 buffer=self.shuffle_buffer)
+        return self._windows[epoch]
+
+    def window_size(self, epoch: int, window: int) -> int:
+        """Samples in one window."""
+        return sum(self.counts[s] for s in self.windows(epoch)[window])
+
+    # -- state -------------------------------------------------------------------------------------------------
+
+    def advance(self, cursor: Cursor, *, prune: bool = True) -> None:
+        """Record that a reader took samples up to `cursor`; with `prune`, finished epochs leave the state."""
+        epoch, window, count = (int(c) for c in cursor)
+        if epoch < self.epoch:
+            return
+        taken = self.taken.setdefault(epoch, {})
+        before = taken.get(window, 0)
+        if count > before:
+            taken[window] = count
+            self._totals[epoch] = self._totals.get(epoch, 0) + count - before
+        while prune and self._totals.get(self.epoch, 0) >= self.num_samples:
+            self.taken.pop(self.epoch, None)
+            self._totals.pop(self.epoch)
+            self.epoch += 1
+
     def state_dict(self) -> dict:
-        """Where the stream stands: epoch, global samples consumed in it, seed; independent of world size."""
-        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
+        """Where the stream stands: the first unfinished epoch and, per started epoch, samples taken per window.
+
+        Independent of the world size; at most one entry per window (windows, not samples: the state stays
+        small whatever the corpus size).
+        """
+        taken = {str(e): {str(w): c for w, c in sorted(t.items())} for e, t in sorted(self.taken.items())}
+        return {"seed": self.seed, "epoch": self.epoch, "taken": taken}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved state (possibly saved at another world size)."""
-        if state["seed"] != self.seed:
-            raise ConfigError(f"reader state has seed {state['seed']}, this reader {self.seed}: resume with the same seed")
-        if not 0 <= state["offset"] <= self.num_samples:
-            raise ConfigError(f"reader state offset {state['offset']} is outside this split's {self.num_samples} samples")
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        if state.get("seed") != self.seed:
+            raise ConfigError(f"reader state has seed {state.get('seed')}, this reader {self.seed}: "
+                              "resume with the same seed")
+        if "taken" not in state:
+            raise ConfigError("reader state is from an older reader (no per-window counts); start the stage afresh")
+        taken = {int(e): {int(w): int(c) for w, c in t.items()} for e, t in state["taken"].items()}
+        for epoch, per_window in taken.items():
+            for window, count in per_window.items():
+                if not (0 <= window < len(self.windows(epoch)) and 0 <= count <= self.window_size(epoch, window)):
+                    raise ConfigError(f"reader state: epoch {epoch} window {window} ({count} samples) does not fit "
+                                      f"this split's shards; resume on the same corpus")
+        self.epoch, self.taken = int(state["epoch"]), taken
+        self._totals = {e: sum(t.values()) for e, t in taken.items()}
+
+    # -- reading -----------------------------------------------------------------------------------------------
 
     def _load(self, s: int) -> list[Sample]:
         path = self.paths[s]
@@ -268,38 +331,39 @@ class CorpusReader(IterableDataset):
             raise ManifestError(f"{path}: {len(samples)} samples, the manifest says {self.counts[s]}")
         return samples
 
-    def _epoch(self, epoch: int, start: int, first: int, stride: int) -> Iterator[Sample]:
-        """Samples at global positions start + first + k * stride of one epoch."""
-        remaining = list(self.counts)
-        cache: dict[int, list[Sample]] = {}
-        order = global_order(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle, buffer=self.shuffle_buffer)
-        for position, (s, j) in enumerate(order):
-            mine = position >= start and (position - start) % stride == first
-            if mine and s not in cache:
-                cache[s] = self._load(s)
-            sample = cache[s][j] if mine else None
-            remaining[s] -= 1
-            if remaining[s] == 0:
-                cache.pop(s, None)  # every sample of this shard has gone by: free it
-            if sample is not None:
-                yield sample
-
-    def __iter__(self) -> Iterator[Sample]:
-        """One epoch from the saved position (or forever with loop=True); the state advances as samples are taken."""
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        stride = self.world_size * workers
-        first = self.rank + self.world_size * worker
+    def stream(self, reader: int, readers: int) -> Iterator[tuple[Cursor, Sample]]:
+        """(cursor, sample) of reader `reader` of `readers`, from the current state on; the state is not changed."""
+        epoch, taken = self.epoch, {e: dict(t) for e, t in self.taken.items()}
         while True:
-            start, taken = self.offset, 0
-            for sample in self._epoch(self.epoch, start, first, stride):
-                taken += 1
-                # Every rank takes its k-th sample in the same step, so k * world_size global samples are consumed.
-                self.offset = min(start + taken * self.world_size, self.num_samples)
-                yield sample
-            self.epoch, self.offset = self.epoch + 1, 0
+            already = taken.get(epoch, {})
+            for index, shards in enumerate(self.windows(epoch)):
+                size = sum(self.counts[s] for s in shards)
+                if index % readers != reader or already.get(index, 0) >= size:
+                    continue
+                samples = [sample for s in shards for sample in self._load(s)]
+                order = window_order(size, seed=self.seed, epoch=epoch, window=index, shuffle=self.shuffle)
+                for k in range(already.get(index, 0), size):
+                    yield (epoch, index, k + 1), samples[order[k]]
+                del samples  # one window at a time: memory is a window, whatever the corpus size
+            epoch += 1
             if not self.loop:
                 return
+
+    def reader_index(self, worker: int = 0, workers: int = 1) -> tuple[int, int]:
+        """(q, R) of this rank's DataLoader worker `worker` of `workers`."""
+        return self.rank + self.world_size * worker, self.world_size * workers
+
+    def __iter__(self) -> Iterator[Sample]:
+        """This rank's samples from the saved position (forever with loop=True).
+
+        Without DataLoader workers the state advances as samples are taken. Inside workers each process has
+        its own copy: `formats.loader.TrainLoader` carries cursors back to the main process instead.
+        """
+        info = get_worker_info()
+        q, readers = self.reader_index(*((info.id, info.num_workers) if info is not None else (0, 1)))
+        for cursor, sample in self.stream(q, readers):
+            self.advance(cursor)
+            yield sample
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:

@@ -102,7 +102,13 @@ class Config:
     clip_norm: float | None = 1.0
     """Gradient norm clipping; None turns it off."""
     shuffle_buffer: int = 1024
-    """Samples in the reader's shuffle buffer."""
+    """Samples a shuffle window holds at least (consecutive shards of a seeded permutation, mixed together)."""
+    loader_workers: int = 2
+    """DataLoader worker processes per rank (0: in the training process); each reads its own shards."""
+    prefetch_factor: int = field(default=2, metadata={"hash": False})
+    """Batches each loader worker prepares ahead."""
+    pin_memory: bool | None = field(default=None, metadata={"hash": False})
+    """Pin batches in page-locked memory for fast copies to the GPU; None: when CUDA is available."""
     eval_every: int = 200
     """Optimizer steps between evaluations on the valid split (0: only at the end)."""
     eval_batches: int = 20
@@ -142,6 +148,8 @@ class Config:
             raise ValueError("eval_every and checkpoint_every must be >= 0")
         if not 0 < self.mask_rate < 1:
             raise ValueError(f"mask_rate must be in (0, 1), got {self.mask_rate}")
+        if self.shuffle_buffer < 1 or self.loader_workers < 0 or self.prefetch_factor < 1:
+            raise ValueError("shuffle_buffer and prefetch_factor must be >= 1, loader_workers >= 0")
 
     def engine_settings(self, world_size: int) -> EngineSettings:
         """What the engine needs; a batch that does not split over the ranks is a ConfigError."""
