@@ -220,18 +220,60 @@ def window_order(size: int, *, seed: int, epoch: int, window: int, shuffle: bool
     return np.random.default_rng([seed, epoch, 1, window]).permutation(size)
 
 
-Cursor = tuple[int, int, int]
-"""(epoch, window, samples of the window taken so far): how far one sample moves a reader's state."""
+Cursor = tuple[int, int, int, int]
+"""(epoch, window, a, b): the samples at positions [a, b) of the window's order have been taken."""
+
+
+def epoch_units(sizes: list[int], readers: int) -> list[tuple[int, int, int]]:
+    """(window, start, end) pieces of work of one epoch: whole windows, dealt unit i to reader i % readers.
+
+    Only when an epoch has fewer windows than readers (a corpus of a few shards) is each window cut into equal
+    parts, so that every reader has work; those readers then share shards.
+    """
+    parts = 1 if len(sizes) >= readers else -(-readers // max(len(sizes), 1))
+    units = []
+    for window, size in enumerate(sizes):
+        bounds = [size * k // parts for k in range(parts + 1)]
+        units += [(window, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return units
+
+
+def _add(intervals: list[list[int]], a: int, b: int) -> list[list[int]]:
+    """Sorted disjoint intervals with [a, b) added (merged with any it touches)."""
+    out, placed = [], False
+    for lo, hi in intervals:
+        if hi < a or lo > b:
+            if lo > b and not placed:
+                out.append([a, b])
+                placed = True
+            out.append([lo, hi])
+        else:
+            a, b = min(a, lo), max(b, hi)
+    if not placed:
+        out.append([a, b])
+    return sorted(out)
+
+
+def _missing(intervals: list[list[int]], a: int, b: int) -> list[tuple[int, int]]:
+    """The parts of [a, b) that no interval covers, in order."""
+    gaps, at = [], a
+    for lo, hi in intervals:
+        if hi <= at or lo >= b:
+            continue
+        if lo > at:
+            gaps.append((at, lo))
+        at = max(at, hi)
+    return gaps + ([(at, b)] if at < b else [])
 
 
 class CorpusReader(IterableDataset):
     """Samples of one split for (seed, epoch): this rank's (and DataLoader worker's) disjoint windows of shards.
 
     Reader q of R (R = world_size x DataLoader workers, q = rank + world_size x worker) owns every window
-    whose index i has i % R == q, reads only those shards and shuffles within each window. The state counts,
-    per window, how many samples were taken; it does not mention the world size, so a state saved on 2 ranks
-    resumes on 1 or 3: finished windows are skipped, a started window continues where it stopped (its order
-    is fixed by (seed, epoch, window)), whichever reader owns it now.
+    whose index i has i % R == q, reads only those shards and shuffles within each window. The state lists,
+    per window, which positions of its (seed, epoch, window)-fixed order were taken, as intervals; it does
+    not mention the world size, so a state saved on 2 ranks resumes on 1 or 3: what was taken is skipped,
+    the rest is dealt to the new readers, and nothing is repeated or skipped.
 
     Why our own code and not webdataset's split_by_node/split_by_worker with its shuffle: those deal shards
     the same way but keep no state, and a resumed run would see samples twice; mosaicml-streaming resumes
@@ -253,8 +295,8 @@ class CorpusReader(IterableDataset):
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.rank, self.world_size, self.loop, self.verify = rank, world_size, loop, verify
         self.epoch = epoch
-        self.taken: dict[int, dict[int, int]] = {}
-        """epoch -> window -> samples taken, for epochs at or after `epoch` that were started."""
+        self.taken: dict[int, dict[int, list[list[int]]]] = {}
+        """epoch -> window -> taken [a, b) intervals of its order, for started epochs from `epoch` on."""
         self._totals: dict[int, int] = {}
         self._windows: dict[int, list[list[int]]] = {}
         self._verified: set[int] = set()
@@ -272,34 +314,32 @@ class CorpusReader(IterableDataset):
                                                  buffer=self.shuffle_buffer)
         return self._windows[epoch]
 
-    def window_size(self, epoch: int, window: int) -> int:
-        """Samples in one window."""
-        return sum(self.counts[s] for s in self.windows(epoch)[window])
+    def window_sizes(self, epoch: int) -> list[int]:
+        """Samples per window of one epoch."""
+        return [sum(self.counts[s] for s in shards) for shards in self.windows(epoch)]
 
     # -- state -------------------------------------------------------------------------------------------------
 
     def advance(self, cursor: Cursor, *, prune: bool = True) -> None:
-        """Record that a reader took samples up to `cursor`; with `prune`, finished epochs leave the state."""
-        epoch, window, count = (int(c) for c in cursor)
+        """Record that positions [a, b) of a window were taken; with `prune`, finished epochs leave the state."""
+        epoch, window, a, b = (int(c) for c in cursor)
         if epoch < self.epoch:
             return
-        taken = self.taken.setdefault(epoch, {})
-        before = taken.get(window, 0)
-        if count > before:
-            taken[window] = count
-            self._totals[epoch] = self._totals.get(epoch, 0) + count - before
+        per_window = self.taken.setdefault(epoch, {})
+        before = per_window.get(window, [])
+        after = _add(before, a, b)
+        per_window[window] = after
+        self._totals[epoch] = self._totals.get(epoch, 0) + sum(h - l for l, h in after) - sum(h - l for l, h in before)
         while prune and self._totals.get(self.epoch, 0) >= self.num_samples:
             self.taken.pop(self.epoch, None)
             self._totals.pop(self.epoch)
             self.epoch += 1
 
     def state_dict(self) -> dict:
-        """Where the stream stands: the first unfinished epoch and, per started epoch, samples taken per window.
-
-        Independent of the world size; at most one entry per window (windows, not samples: the state stays
-        small whatever the corpus size).
-        """
-        taken = {str(e): {str(w): c for w, c in sorted(t.items())} for e, t in sorted(self.taken.items())}
+        """Where the stream stands: the first unfinished epoch and, per started epoch and window, the taken
+        intervals. Independent of the world size, and a few numbers per window whatever the corpus size."""
+        taken = {str(e): {str(w): [list(i) for i in t] for w, t in sorted(per.items())}
+                 for e, per in sorted(self.taken.items())}
         return {"seed": self.seed, "epoch": self.epoch, "taken": taken}
 
     def load_state_dict(self, state: dict) -> None:
@@ -308,15 +348,17 @@ class CorpusReader(IterableDataset):
             raise ConfigError(f"reader state has seed {state.get('seed')}, this reader {self.seed}: "
                               "resume with the same seed")
         if "taken" not in state:
-            raise ConfigError("reader state is from an older reader (no per-window counts); start the stage afresh")
-        taken = {int(e): {int(w): int(c) for w, c in t.items()} for e, t in state["taken"].items()}
+            raise ConfigError("reader state is from an older reader (no per-window intervals); start the stage afresh")
+        taken = {int(e): {int(w): [[int(a), int(b)] for a, b in t] for w, t in per.items()}
+                 for e, per in state["taken"].items()}
         for epoch, per_window in taken.items():
-            for window, count in per_window.items():
-                if not (0 <= window < len(self.windows(epoch)) and 0 <= count <= self.window_size(epoch, window)):
-                    raise ConfigError(f"reader state: epoch {epoch} window {window} ({count} samples) does not fit "
-                                      f"this split's shards; resume on the same corpus")
+            sizes = self.window_sizes(epoch)
+            for window, intervals in per_window.items():
+                if not (0 <= window < len(sizes) and all(0 <= a < b <= sizes[window] for a, b in intervals)):
+                    raise ConfigError(f"reader state: epoch {epoch} window {window} {intervals} does not fit this "
+                                      "split's shards; resume on the same corpus")
         self.epoch, self.taken = int(state["epoch"]), taken
-        self._totals = {e: sum(t.values()) for e, t in taken.items()}
+        self._totals = {e: sum(b - a for t in per.values() for a, b in t) for e, per in taken.items()}
 
     # -- reading -----------------------------------------------------------------------------------------------
 
@@ -335,16 +377,22 @@ class CorpusReader(IterableDataset):
         """(cursor, sample) of reader `reader` of `readers`, from the current state on; the state is not changed."""
         epoch, taken = self.epoch, {e: dict(t) for e, t in self.taken.items()}
         while True:
-            already = taken.get(epoch, {})
-            for index, shards in enumerate(self.windows(epoch)):
-                size = sum(self.counts[s] for s in shards)
-                if index % readers != reader or already.get(index, 0) >= size:
-                    continue
-                samples = [sample for s in shards for sample in self._load(s)]
-                order = window_order(size, seed=self.seed, epoch=epoch, window=index, shuffle=self.shuffle)
-                for k in range(already.get(index, 0), size):
-                    yield (epoch, index, k + 1), samples[order[k]]
-                del samples  # one window at a time: memory is a window, whatever the corpus size
+            sizes = self.window_sizes(epoch)
+            mine = epoch_units(sizes, readers)[reader::readers]
+            if not mine and self.loop:
+                raise ConfigError(f"{self.shard_dir}: {self.split} has too few samples for {readers} readers "
+                                  "(ranks x loader workers); use fewer loader workers or ranks")
+            loaded: tuple[int, list[Sample], np.ndarray] | None = None
+            for window, a, b in mine:
+                for lo, hi in _missing(taken.get(epoch, {}).get(window, []), a, b):
+                    if loaded is None or loaded[0] != window:
+                        loaded = None  # one window at a time: memory is a window, whatever the corpus size
+                        samples = [sample for s in self.windows(epoch)[window] for sample in self._load(s)]
+                        order = window_order(sizes[window], seed=self.seed, epoch=epoch, window=window,
+                                             shuffle=self.shuffle)
+                        loaded = (window, samples, order)
+                    for k in range(lo, hi):
+                        yield (epoch, window, lo, k + 1), loaded[1][loaded[2][k]]
             epoch += 1
             if not self.loop:
                 return

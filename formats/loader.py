@@ -17,6 +17,7 @@ on the same worker count, and the world-size-independent state has to be ours an
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,7 +29,7 @@ from formats.corpus import CorpusReader
 from kd.masking import Masker, MaskedBatch
 
 CURSORS = "_cursors"
-"""Batch key of the [n, 3] (epoch, window, taken) cursors; removed before a batch leaves the loader."""
+"""Batch key of the [n, 4] (epoch, window, a, b) cursors; removed before a batch leaves the loader."""
 
 
 def pad_rows(flat: np.ndarray, lengths: np.ndarray, value: int) -> torch.Tensor:
@@ -106,7 +107,10 @@ class BatchStream(IterableDataset):
             cache = lookup.gather(masked.keys)
             check_join(masked, cache, lookup.cache_dir)
         batch = collate_masked(masked, self.pad_id, cache)
-        batch[CURSORS] = torch.tensor(cursors, dtype=torch.long)
+        furthest: dict[tuple, int] = {}
+        for epoch, window, a, b in cursors:  # one cursor per run of positions: [a, b) grows sample by sample
+            furthest[(epoch, window, a)] = max(b, furthest.get((epoch, window, a), b))
+        batch[CURSORS] = torch.tensor([[*k, b] for k, b in furthest.items()], dtype=torch.long)
         return batch
 
 
@@ -126,8 +130,6 @@ class TrainLoader:
         self.cache_factory, self.num_workers = cache_factory, num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.batches = 0
-        self._base: dict = {}
-        """The state last loaded (the same on every rank): what no rank's own progress includes twice."""
         self._iter = None
 
     def _start(self) -> Iterator[dict]:
@@ -161,41 +163,34 @@ class TrainLoader:
         """Continue from `state` (before the first batch is drawn)."""
         self.reader.load_state_dict(state)
         self.batches = int(state.get("batches", 0))
-        self._base = {e: dict(t) for e, t in self.reader.taken.items()}
         self._iter = None
 
     def global_state(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], rank: int, world_size: int) -> dict:
         """The state of all ranks together (every rank calls this at the same step; two all-reduces).
 
-        A window is read by one rank only, so each rank adds what it took since the last loaded state (the
-        same on every rank) and the sum is exactly what was consumed. The result is applied here too, so
-        finished epochs leave the state on every rank.
+        Each rank's taken intervals are gathered (as bytes, summed into its own row) and united; finished epochs
+        are dropped and the result is applied here too, so every rank holds the same, small state.
         """
         if world_size == 1:
             return self.state_dict()
+        own = json.dumps(self.reader.state_dict(), sort_keys=True).encode()
+        sizes = torch.zeros(world_size, dtype=torch.float64)
+        sizes[rank] = len(own)
+        sizes = all_reduce_sum(sizes)
+        rows = torch.zeros(world_size, int(sizes.max().item()), dtype=torch.float64)
+        rows[rank, :len(own)] = torch.tensor(list(own), dtype=torch.float64)
+        rows = all_reduce_sum(rows).to(torch.uint8)
+        states = [json.loads(bytes(rows[r, :int(sizes[r].item())].tolist())) for r in range(world_size)]
         reader = self.reader
-        epochs = sorted(set(reader.taken) | set(self._base) | {reader.epoch})
-        span = torch.zeros(2 * world_size, dtype=torch.float64)
-        span[2 * rank], span[2 * rank + 1] = min(epochs), max(epochs)
-        span = all_reduce_sum(span)
-        lo, hi = int(span[0::2].min().item()), int(span[1::2].max().item())
-        sizes = [len(reader.windows(e)) for e in range(lo, hi + 1)]
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        own = torch.zeros(int(offsets[-1]), dtype=torch.float64)
-        base = torch.zeros_like(own)
-        for e in range(lo, hi + 1):
-            for window, count in reader.taken.get(e, {}).items():
-                own[offsets[e - lo] + window] = count - self._base.get(e, {}).get(window, 0)
-            for window, count in self._base.get(e, {}).items():
-                base[offsets[e - lo] + window] = count
-        total = (all_reduce_sum(own) + base).long().tolist()
-        taken = {e: {w: total[offsets[e - lo] + w] for w in range(sizes[e - lo]) if total[offsets[e - lo] + w]}
-                 for e in range(lo, hi + 1)}
-        state = {"seed": reader.seed, "epoch": lo, "batches": self.batches,
-                 "taken": {str(e): {str(w): c for w, c in t.items()} for e, t in taken.items() if t}}
-        while sum(taken.get(state["epoch"], {}).values()) >= reader.num_samples:
-            state["taken"].pop(str(state["epoch"]), None)
-            state["epoch"] += 1
+        union = CorpusReader.__new__(CorpusReader)  # bookkeeping only: reuse the reader's own interval arithmetic
+        union.__dict__.update(reader.__dict__)
+        union.taken, union._totals, union.epoch = {}, {}, min(int(st["epoch"]) for st in states)
+        for st in states:
+            for epoch, per_window in st["taken"].items():
+                for window, intervals in per_window.items():
+                    for a, b in intervals:
+                        union.advance((int(epoch), int(window), a, b))
+        state = {**union.state_dict(), "batches": self.batches}
         iterator = self._iter
         self.load_state_dict(state)
         self._iter = iterator  # the stream goes on: only the bookkeeping was replaced

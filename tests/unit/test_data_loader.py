@@ -22,8 +22,8 @@ def masker(shard_dir):
     return Masker(spec)
 
 
-def loader(shard_dir, rank=0, world=1, workers=0, loop=False):
-    reader = CorpusReader(shard_dir, seed=SEED, shuffle_buffer=BUFFER, rank=rank, world_size=world, loop=loop)
+def loader(shard_dir, rank=0, world=1, workers=0, loop=False, buffer=BUFFER):
+    reader = CorpusReader(shard_dir, seed=SEED, shuffle_buffer=buffer, rank=rank, world_size=world, loop=loop)
     return TrainLoader(reader, masker(shard_dir), BATCH, 0, num_workers=workers)
 
 
@@ -96,7 +96,7 @@ def test_two_rank_run_resumes_on_another_world_size(shard_dir, world_after):
     before = [loader(shard_dir, rank, 2) for rank in range(2)]
     consumed = [k for _ in range(3) for l in before for k in batch_keys(next(l), None)]
     state = global_states(before)
-    assert state["epoch"] == 0 and sum(sum(t.values()) for t in state["taken"].values()) == len(consumed)
+    assert state["epoch"] == 0 and sum(b - a for t in state["taken"].values() for i in t.values() for a, b in i) == len(consumed)
     rest = []
     for rank in range(world_after):
         after = loader(shard_dir, rank, world_after, workers=2 if world_after == 1 else 0)
@@ -128,3 +128,12 @@ def test_two_rank_states_merge_across_epochs(shard_dir):
     state = global_states(loaders)
     assert state["epoch"] >= 1 and all(int(e) >= state["epoch"] for e in state["taken"])
     assert loaders[0].reader.epoch == state["epoch"], "the merged state is applied on every rank"
+
+
+def test_fewer_windows_than_readers_still_deals_every_sample_once(shard_dir):
+    """One window (the buffer spans the corpus) and 2 ranks x 2 workers: the window is cut into parts."""
+    everything = all_samples(shard_dir)
+    seen = [k for rank in range(2) for b in loader(shard_dir, rank, 2, workers=2, buffer=10**6) for k in batch_keys(b, None)]
+    assert sorted(seen) == everything
+    endless = loader(shard_dir, 1, 2, workers=2, loop=True, buffer=10**6)
+    assert len([next(endless) for _ in range(len(everything))]) == len(everything), "loop=True keeps going"
