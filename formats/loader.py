@@ -137,8 +137,11 @@ class TrainLoader:
         stream = BatchStream(self.reader, self.masker, self.batch_size, self.pad_id,
                              cache_factory=self.cache_factory, first_worker=self.batches % workers)
         extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False} if self.num_workers else {}
+        # A private generator: the DataLoader draws its workers' base seed from it, and drawing from torch's
+        # global one would shift the dropout stream of a resumed run (exact resume compares weights bit for bit).
+        generator = torch.Generator().manual_seed(self.reader.seed)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            **extra)
+                            generator=generator, **extra)
         return iter(loader)
 
     def __iter__(self) -> Iterator[dict]:

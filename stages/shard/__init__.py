@@ -157,7 +157,8 @@ def run(config: Config, ctx):
         if not scan.scanned(ctx.stage_dir, piece):
             scan.scan_piece(ctx.stage_dir, piece, text_field=config.text_field, separator=config.doc_separator,
                             normalize=config.normalize, max_doc_chars=config.max_doc_chars,
-                            valid_fraction=config.valid_fraction, buckets=config.dedup_buckets)
+                            valid_fraction=config.valid_fraction, buckets=config.dedup_buckets,
+                            worker=world.worker)
     scan.wait_for(list(scan.pieces_of(ctx.stage_dir, len(pieces))), config.wait_timeout_s, "shard scan")
     dedup_file = ctx.stage_dir / scan.SCAN_DIR / "dedup.npz"
     if world.is_main and not dedup_file.exists():

@@ -44,8 +44,12 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def scan_piece(stage_dir: Path, piece: Piece, *, text_field: str, separator: str | None, normalize: str,
-               max_doc_chars: int, valid_fraction: float, buckets: int) -> None:
-    """Scan one piece into `.scan/piece-N.*` (the `.json` record last: a piece is scanned iff it exists)."""
+               max_doc_chars: int, valid_fraction: float, buckets: int, worker: int = 0) -> None:
+    """Scan one piece into `.scan/piece-N.*` (the `.json` record last: a piece is scanned iff it exists).
+
+    The record names the worker and the input bytes the piece spans (a whole file, or its byte range), which
+    `distill bench` adds up per worker.
+    """
     outcome, digests, splits = [], [], []
     texts: dict[str, list[bytes]] = {split: [] for split in SPLIT_CODES}
     for raw in read_piece(piece, text_field=text_field, separator=separator):
@@ -78,7 +82,21 @@ def scan_piece(stage_dir: Path, piece: Piece, *, text_field: str, separator: str
             tmp.write_bytes(zstandard.ZstdCompressor(level=1).compress(b"".join(items)))
     atomic_write_text(_path(stage_dir, piece.index, "json"),
                       json.dumps({"path": str(piece.path), "start": piece.start, "end": piece.end,
-                                  "docs": len(outcome), "kept": len(splits)}, sort_keys=True))
+                                  "docs": len(outcome), "kept": len(splits), "worker": worker,
+                                  "input_bytes": _input_bytes(piece)}, sort_keys=True))
+
+
+def _input_bytes(piece: Piece) -> int:
+    """Bytes of input a piece covers: its byte range, its row groups' compressed size, or the whole file."""
+    if piece.end is not None and piece.path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(piece.path).metadata
+        return sum(meta.row_group(g).column(c).total_compressed_size
+                   for g in range(piece.start, piece.end) for c in range(meta.num_columns))
+    if piece.end is not None:
+        return piece.end - piece.start
+    return sum(f.stat().st_size for f in ([piece.path] if piece.path.is_file() else piece.path.rglob("*")) if f.is_file())
 
 
 def scanned(stage_dir: Path, piece: Piece) -> bool:

@@ -50,6 +50,8 @@ def test_trained_tokenizer_pairs_and_worker_split_are_byte_identical(jsonl_corpu
     # Workers wait for each other's scans, as array tasks running at once do: run them side by side.
     from concurrent.futures import ThreadPoolExecutor
 
+    from transformers import AutoTokenizer  # noqa: F401  (transformers' lazy imports are not thread-safe)
+
     with ThreadPoolExecutor(2) as pool:
         both = list(pool.map(lambda w: run_shard(config, tmp_path / "two", worker=w, num_workers=2), (0, 1)))
     two = next(m for m in both if m is not None)
