@@ -116,11 +116,11 @@ class _Lookup:
     def __init__(self, cache_dir: Path, manifest, buffer: int):
         self.cache_dir, self.manifest, self.buffer = cache_dir, manifest, buffer
 
-    def __call__(self):
+    def __call__(self, windows: int):
         from formats.cache import CacheLookup, decoded_capacity
 
         return CacheLookup(self.cache_dir, self.manifest, "train",
-                           capacity=decoded_capacity(self.manifest, "train", self.buffer))
+                           capacity=decoded_capacity(self.manifest, "train", self.buffer, windows))
 
 
 def _loader(shard_dir: Path, lookup, *, rank: int = 0, world: int = 1, buffer: int, batch: int = 32):

@@ -317,15 +317,15 @@ class CacheLookup:
         return n, out
 
 
-def decoded_capacity(manifest, split: str, shuffle_buffer: int) -> int:
-    """Decoded cache shards a reader keeps: as many as a shuffle window of typical (median) shards spans.
+def decoded_capacity(manifest, split: str, shuffle_buffer: int, windows: int = 1) -> int:
+    """Decoded cache shards a reader keeps: as many as `windows` shuffle windows of typical (median) shards span.
 
     The median, not the smallest: one tiny last shard must not pin hundreds of decoded shards in memory.
     """
     shards = set(manifest.extra["splits"][split]["shards"])
     counts = sorted(int(o.items.get("samples", 0)) for o in manifest.outputs if o.path in shards)
     typical = max(counts[len(counts) // 2] if counts else 1, 1)
-    return max(4, -(-int(shuffle_buffer) // typical) + 2)
+    return max(4, windows * (-(-int(shuffle_buffer) // typical) + 1) + 1)
 
 
 class CachedCorpus:
@@ -354,7 +354,8 @@ class CachedCorpus:
         self.vocab_size = int(self.manifest.extra["provenance"]["teacher_vocab_size"])
         self.masker = Masker(self.spec, corpus.load_tokenizer(self.corpus_dir) if self.spec.whole_word else None)
         self.reader = corpus.CorpusReader(self.corpus_dir, split, **reader_kwargs)
-        capacity = decoded_capacity(self.manifest, split, int(reader_kwargs.get("shuffle_buffer", 1024)))
+        capacity = decoded_capacity(self.manifest, split, self.reader.shuffle_buffer,
+                                    -(-self.reader.partitions // self.reader.world_size))
         self.lookup = CacheLookup(self.cache_dir, self.manifest, split, capacity=capacity)
 
     def record(self, key: str) -> CacheRecord:

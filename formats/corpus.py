@@ -5,10 +5,10 @@ always give the same bytes), written to a temporary name, fsynced and renamed. R
 deterministic, resumable sample stream.
 
 Reading is split by whole shards: each epoch a seeded permutation of the shards is cut into shuffle
-windows (consecutive shards holding at least `shuffle_buffer` samples), window i belongs to reader i % R of
-the R = ranks x DataLoader workers readers, and a reader reads only its own shards, one window at a time,
-in an order fixed by (seed, epoch, window). The resumable state counts samples taken per window, so it does
-not depend on the world size (see CorpusReader).
+windows (consecutive shards holding at least `shuffle_buffer` samples), dealt to a fixed number of
+partitions; the global order interleaves the partitions, and rank r of w takes every w-th position, which
+(when w divides the partition count) touches only its own partitions' shards. The order, and so the
+resumable state (one offset), does not depend on the world size (see CorpusReader).
 """
 
 from __future__ import annotations
@@ -220,85 +220,71 @@ def window_order(size: int, *, seed: int, epoch: int, window: int, shuffle: bool
     return np.random.default_rng([seed, epoch, 1, window]).permutation(size)
 
 
-Cursor = tuple[int, int, int, int]
-"""(epoch, window, a, b): the samples at positions [a, b) of the window's order have been taken."""
+class EpochPlan:
+    """Where every sample of one epoch sits: the windows' samples cut into `partitions` equal ranges, and the
+    global order that interleaves the partitions round-robin.
 
-
-def epoch_units(sizes: list[int], readers: int) -> list[tuple[int, int, int]]:
-    """(window, start, end) pieces of work of one epoch: whole windows, dealt unit i to reader i % readers.
-
-    Only when an epoch has fewer windows than readers (a corpus of a few shards) is each window cut into equal
-    parts, so that every reader has work; those readers then share shards.
+    The epoch's samples, window after window (each window in its (seed, epoch, window) order), are cut into
+    P contiguous ranges of equal length (the first N % P one longer); global position g is sample g // P of
+    partition g % P (the last, short round takes partitions 0, 1, ...). A partition spans whole windows except
+    at its two ends, so readers of different partitions share at most the P - 1 boundary windows. Everything
+    is a function of the manifest's counts, the seed, the epoch and P: never of the world size.
     """
-    parts = 1 if len(sizes) >= readers else -(-readers // max(len(sizes), 1))
-    units = []
-    for window, size in enumerate(sizes):
-        bounds = [size * k // parts for k in range(parts + 1)]
-        units += [(window, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-    return units
 
+    def __init__(self, counts: list[int], *, seed: int, epoch: int, shuffle: bool, buffer: int, partitions: int):
+        self.seed, self.epoch, self.shuffle, self.counts = seed, epoch, shuffle, counts
+        self.windows = epoch_windows(counts, seed=seed, epoch=epoch, shuffle=shuffle, buffer=buffer)
+        self.sizes = [sum(counts[s] for s in shards) for shards in self.windows]
+        self.window_starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.total = int(self.window_starts[-1])
+        self.partitions = partitions if shuffle else 1  # unshuffled: plain file order (small splits, evaluation)
+        self.per, self.longer = divmod(self.total, self.partitions)
 
-def _add(intervals: list[list[int]], a: int, b: int) -> list[list[int]]:
-    """Sorted disjoint intervals with [a, b) added (merged with any it touches)."""
-    out, placed = [], False
-    for lo, hi in intervals:
-        if hi < a or lo > b:
-            if lo > b and not placed:
-                out.append([a, b])
-                placed = True
-            out.append([lo, hi])
-        else:
-            a, b = min(a, lo), max(b, hi)
-    if not placed:
-        out.append([a, b])
-    return sorted(out)
+    def partition_start(self, p: int) -> int:
+        """Position, in the window-after-window sequence, of partition p's first sample."""
+        return p * self.per + min(p, self.longer)
 
+    def place(self, g: int) -> tuple[int, int]:
+        """(partition, index in it) of global position g."""
+        full = self.per * self.partitions
+        return (g % self.partitions, g // self.partitions) if g < full else (g - full, self.per)
 
-def _missing(intervals: list[list[int]], a: int, b: int) -> list[tuple[int, int]]:
-    """The parts of [a, b) that no interval covers, in order."""
-    gaps, at = [], a
-    for lo, hi in intervals:
-        if hi <= at or lo >= b:
-            continue
-        if lo > at:
-            gaps.append((at, lo))
-        at = max(at, hi)
-    return gaps + ([(at, b)] if at < b else [])
+    def locate(self, partition: int, k: int) -> tuple[int, int]:
+        """(window, position in the window's order) of the k-th sample of a partition."""
+        at = self.partition_start(partition) + k
+        window = int(np.searchsorted(self.window_starts, at, side="right")) - 1
+        return window, at - int(self.window_starts[window])
 
 
 class CorpusReader(IterableDataset):
-    """Samples of one split for (seed, epoch): this rank's (and DataLoader worker's) disjoint windows of shards.
+    """Samples of one split in a global order fixed by (seed, epoch, partitions), this rank's share, resumable.
 
-    Reader q of R (R = world_size x DataLoader workers, q = rank + world_size x worker) owns every window
-    whose index i has i % R == q, reads only those shards and shuffles within each window. The state lists,
-    per window, which positions of its (seed, epoch, window)-fixed order were taken, as intervals; it does
-    not mention the world size, so a state saved on 2 ranks resumes on 1 or 3: what was taken is skipped,
-    the rest is dealt to the new readers, and nothing is repeated or skipped.
-
-    Why our own code and not webdataset's split_by_node/split_by_worker with its shuffle: those deal shards
-    the same way but keep no state, and a resumed run would see samples twice; mosaicml-streaming resumes
-    elastically but only from its own MDS shards, and the corpus must stay plain webdataset tars.
+    Each epoch the shards' seeded permutation is cut into shuffle windows, their samples into `partitions`
+    equal contiguous ranges, and the global order interleaves the partitions round-robin (`EpochPlan`).
+    Rank r of w takes global positions r, r + w, ... of that order, so when w divides P it only ever opens
+    the shards of partitions p = r (mod w): ranks read disjoint whole shards, but for the P - 1 windows at
+    partition boundaries, which two readers share. The order itself does not depend on w, so the
+    state is one global offset: a state saved on 2 ranks resumes on 1 or 3 with nothing repeated or skipped,
+    and a run on 1 process and on 2 sees the same samples (mosaicml-streaming's canonical nodes, kept here
+    because its resumable sampling needs its own MDS shards and ours stay plain webdataset tars).
     """
 
     def __init__(self, shard_dir: Path, split: str = "train", *, seed: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 1024, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 loop: bool = False, verify: bool = True):
+                 loop: bool = False, verify: bool = True, partitions: int = 48):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        if shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+        if shuffle_buffer < 1 or partitions < 1:
+            raise ValueError(f"shuffle_buffer and partitions must be >= 1, got {shuffle_buffer}, {partitions}")
         self.shard_dir, self.split = Path(shard_dir), split
         self.paths = shard_paths(self.shard_dir, split)
         outputs = {o.path: o for o in shard_manifest(self.shard_dir).outputs}
         self.counts = [outputs[p.name].items["samples"] for p in self.paths]
         self.hashes = [outputs[p.name].sha256 for p in self.paths]
-        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.seed, self.shuffle, self.shuffle_buffer, self.partitions = seed, shuffle, shuffle_buffer, partitions
         self.rank, self.world_size, self.loop, self.verify = rank, world_size, loop, verify
-        self.epoch = epoch
-        self.taken: dict[int, dict[int, list[list[int]]]] = {}
-        """epoch -> window -> taken [a, b) intervals of its order, for started epochs from `epoch` on."""
-        self._totals: dict[int, int] = {}
-        self._windows: dict[int, list[list[int]]] = {}
+        self.epoch, self.offset = epoch, 0
+        self._plans: dict[int, EpochPlan] = {}
         self._verified: set[int] = set()
 
     @property
@@ -306,61 +292,30 @@ class CorpusReader(IterableDataset):
         """Samples in one epoch of the split (all ranks together)."""
         return sum(self.counts)
 
-    def windows(self, epoch: int) -> list[list[int]]:
-        """The shuffle windows of one epoch (shard indices), cached."""
-        if epoch not in self._windows:
-            self._windows = {e: w for e, w in self._windows.items() if e >= epoch - 1}
-            self._windows[epoch] = epoch_windows(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
-                                                 buffer=self.shuffle_buffer)
-        return self._windows[epoch]
-
-    def window_sizes(self, epoch: int) -> list[int]:
-        """Samples per window of one epoch."""
-        return [sum(self.counts[s] for s in shards) for shards in self.windows(epoch)]
-
-    # -- state -------------------------------------------------------------------------------------------------
-
-    def advance(self, cursor: Cursor, *, prune: bool = True) -> None:
-        """Record that positions [a, b) of a window were taken; with `prune`, finished epochs leave the state."""
-        epoch, window, a, b = (int(c) for c in cursor)
-        if epoch < self.epoch:
-            return
-        per_window = self.taken.setdefault(epoch, {})
-        before = per_window.get(window, [])
-        after = _add(before, a, b)
-        per_window[window] = after
-        self._totals[epoch] = self._totals.get(epoch, 0) + sum(h - l for l, h in after) - sum(h - l for l, h in before)
-        while prune and self._totals.get(self.epoch, 0) >= self.num_samples:
-            self.taken.pop(self.epoch, None)
-            self._totals.pop(self.epoch)
-            self.epoch += 1
+    def plan(self, epoch: int) -> EpochPlan:
+        """The EpochPlan of one epoch (the last two are kept)."""
+        if epoch not in self._plans:
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = EpochPlan(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+                                           buffer=self.shuffle_buffer, partitions=self.partitions)
+        return self._plans[epoch]
 
     def state_dict(self) -> dict:
-        """Where the stream stands: the first unfinished epoch and, per started epoch and window, the taken
-        intervals. Independent of the world size, and a few numbers per window whatever the corpus size."""
-        taken = {str(e): {str(w): [list(i) for i in t] for w, t in sorted(per.items())}
-                 for e, per in sorted(self.taken.items())}
-        return {"seed": self.seed, "epoch": self.epoch, "taken": taken}
+        """Where the stream stands: epoch, global samples consumed in it, seed; independent of world size."""
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved state (possibly saved at another world size)."""
-        if state.get("seed") != self.seed:
-            raise ConfigError(f"reader state has seed {state.get('seed')}, this reader {self.seed}: "
-                              "resume with the same seed")
-        if "taken" not in state:
-            raise ConfigError("reader state is from an older reader (no per-window intervals); start the stage afresh")
-        taken = {int(e): {int(w): [[int(a), int(b)] for a, b in t] for w, t in per.items()}
-                 for e, per in state["taken"].items()}
-        for epoch, per_window in taken.items():
-            sizes = self.window_sizes(epoch)
-            for window, intervals in per_window.items():
-                if not (0 <= window < len(sizes) and all(0 <= a < b <= sizes[window] for a, b in intervals)):
-                    raise ConfigError(f"reader state: epoch {epoch} window {window} {intervals} does not fit this "
-                                      "split's shards; resume on the same corpus")
-        self.epoch, self.taken = int(state["epoch"]), taken
-        self._totals = {e: sum(b - a for t in per.values() for a, b in t) for e, per in taken.items()}
+        if state["seed"] != self.seed:
+            raise ConfigError(f"reader state has seed {state['seed']}, this reader {self.seed}: resume with the same seed")
+        if not 0 <= state["offset"] <= self.num_samples:
+            raise ConfigError(f"reader state offset {state['offset']} is outside this split's {self.num_samples} samples")
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
-    # -- reading -----------------------------------------------------------------------------------------------
+    def advance(self, epoch: int, position: int) -> None:
+        """Record that this rank took global `position` of `epoch`: every rank has then taken its sample of
+        that round, so the global offset is the round's end."""
+        self.epoch, self.offset = epoch, min(position - self.rank + self.world_size, self.num_samples)
 
     def _load(self, s: int) -> list[Sample]:
         path = self.paths[s]
@@ -373,45 +328,57 @@ class CorpusReader(IterableDataset):
             raise ManifestError(f"{path}: {len(samples)} samples, the manifest says {self.counts[s]}")
         return samples
 
-    def stream(self, reader: int, readers: int) -> Iterator[tuple[Cursor, Sample]]:
-        """(cursor, sample) of reader `reader` of `readers`, from the current state on; the state is not changed."""
-        epoch, taken = self.epoch, {e: dict(t) for e, t in self.taken.items()}
+    def stream(self, owns=None) -> Iterator[tuple[int, int, Sample | None]]:
+        """(epoch, global position, sample) of this rank from the saved state on; the state is not changed.
+
+        `owns(partition) -> bool` picks the partitions whose samples are read (others come as None, so a
+        DataLoader worker can skip its siblings' shards yet still count positions).
+        """
+        epoch, start = self.epoch, self.offset
         while True:
-            sizes = self.window_sizes(epoch)
-            mine = epoch_units(sizes, readers)[reader::readers]
-            if not mine and self.loop:
-                raise ConfigError(f"{self.shard_dir}: {self.split} has too few samples for {readers} readers "
-                                  "(ranks x loader workers); use fewer loader workers or ranks")
-            loaded: tuple[int, list[Sample], np.ndarray] | None = None
-            for window, a, b in mine:
-                for lo, hi in _missing(taken.get(epoch, {}).get(window, []), a, b):
-                    if loaded is None or loaded[0] != window:
-                        loaded = None  # one window at a time: memory is a window, whatever the corpus size
-                        samples = [sample for s in self.windows(epoch)[window] for sample in self._load(s)]
-                        order = window_order(sizes[window], seed=self.seed, epoch=epoch, window=window,
-                                             shuffle=self.shuffle)
-                        loaded = (window, samples, order)
-                    for k in range(lo, hi):
-                        yield (epoch, window, lo, k + 1), loaded[1][loaded[2][k]]
-            epoch += 1
+            if start >= self.num_samples:
+                epoch, start = epoch + 1, 0
+                if not self.loop:
+                    return
+                continue
+            plan = self.plan(epoch)
+            held: dict[int, tuple[list[Sample], np.ndarray]] = {}  # window -> (samples, order)
+            current: dict[int, int] = {}  # partition -> the window it is in
+            for position in range(start + self.rank, self.num_samples, self.world_size):
+                partition, k = plan.place(position)
+                if owns is not None and not owns(partition):
+                    yield epoch, position, None
+                    continue
+                window, at = plan.locate(partition, k)
+                if current.get(partition) != window:
+                    left = current.get(partition)
+                    current[partition] = window
+                    if left is not None and left not in current.values():
+                        del held[left]  # a window at a time per partition: memory is P windows at most
+                    if window not in held:
+                        samples = [x for s in plan.windows[window] for x in self._load(s)]
+                        held[window] = (samples, window_order(plan.sizes[window], seed=self.seed, epoch=epoch,
+                                                              window=window, shuffle=self.shuffle))
+                samples, order = held[window]
+                yield epoch, position, samples[order[at]]
+            epoch, start = epoch + 1, 0
             if not self.loop:
                 return
 
-    def reader_index(self, worker: int = 0, workers: int = 1) -> tuple[int, int]:
-        """(q, R) of this rank's DataLoader worker `worker` of `workers`."""
-        return self.rank + self.world_size * worker, self.world_size * workers
-
     def __iter__(self) -> Iterator[Sample]:
-        """This rank's samples from the saved position (forever with loop=True).
+        """One epoch from the saved position (or forever with loop=True); the state advances as samples are taken.
 
-        Without DataLoader workers the state advances as samples are taken. Inside workers each process has
-        its own copy: `formats.loader.TrainLoader` carries cursors back to the main process instead.
+        In DataLoader workers (one sample at a time, `batch_size=None`) worker i of n takes this rank's
+        samples i, i + n, ..., so the DataLoader's round-robin gives the rank's order unchanged;
+        `formats.loader.TrainLoader` splits by partition instead, so its workers read disjoint shards.
         """
         info = get_worker_info()
-        q, readers = self.reader_index(*((info.id, info.num_workers) if info is not None else (0, 1)))
-        for cursor, sample in self.stream(q, readers):
-            self.advance(cursor)
-            yield sample
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        for i, (epoch, position, sample) in enumerate(self.stream()):
+            if i % workers == worker:
+                self.advance(epoch, position)
+                yield sample
+        self.epoch, self.offset = self.epoch + 1, 0  # the epoch ran out (loop=False)
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,23 +1,18 @@
 """The training input path: a `torch.utils.data.DataLoader` over a rank's disjoint shards, batches built in workers.
 
-Each DataLoader worker is one `CorpusReader` reader (its own windows of whole shards), masks a batch at a time
-(`kd.masking.mask_batch`: the same masks as per sample, so caches stay valid), joins the teacher cache
-(`formats.cache.CacheLookup`, found from each key) and collates CPU tensors; the DataLoader prefetches and
-pins them when asked. A batch carries the cursors of the samples in it; the main process applies them only
-when it hands the batch on, so prefetched batches never count and the state is exactly what was consumed.
-
-Exact resume on the same world size and worker count: the state also records how many batches were
-handed out, and workers are renumbered so that the one whose batch was next is asked first (the DataLoader
-always starts at worker 0). On another world size or worker count the windows are dealt afresh; no sample
-is repeated or skipped within the epoch.
+Each DataLoader worker reads its own partitions of the rank's share (disjoint whole shards), masks its part
+of each batch at once (`kd.masking.mask_batch`: the same masks as per sample, so caches stay valid), joins
+the teacher cache (`formats.cache.CacheLookup`, found from each key) and collates CPU tensors; the
+DataLoader prefetches and pins them when asked, and the main process merges the workers' parts of a batch
+(a cheap concatenation). The batches are the rank's samples in the reader's order whatever the worker count,
+and the state advances only when a batch is handed on, so prefetched batches never count.
 
 Why torch's DataLoader and not torchdata's StatefulDataLoader: its state is per worker, so it resumes only
-on the same worker count, and the world-size-independent state has to be ours anyway.
+on the same worker count, while ours is one global offset (the reader's).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,8 +23,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from formats.corpus import CorpusReader
 from kd.masking import Masker, MaskedBatch
 
-CURSORS = "_cursors"
-"""Batch key of the [n, 4] (epoch, window, a, b) cursors; removed before a batch leaves the loader."""
+SLOTS, BATCH, LAST = "_slots", "_batch", "_last"
+"""Keys of a worker's part of a batch: the samples' places in the batch, the batch number, and the (epoch,
+global position) of its last sample; removed when the parts are merged."""
 
 
 def pad_rows(flat: np.ndarray, lengths: np.ndarray, value: int) -> torch.Tensor:
@@ -78,64 +74,99 @@ def check_join(masked: MaskedBatch, cache: tuple, where: Path) -> None:
 
 
 class BatchStream(IterableDataset):
-    """What runs in each DataLoader worker: this worker's samples, masked, joined and collated `batch_size` at a time."""
+    """What runs in each DataLoader worker: its part of every batch of this rank, masked, joined and collated.
+
+    Worker j of J reads the partitions p with (p // world_size) % J == j: with J x world_size dividing the
+    partition count, the workers of all ranks read disjoint whole shards. Every worker walks the rank's
+    positions, so it knows each sample's place in the batch; the main process merges the J parts of a batch.
+    """
 
     def __init__(self, reader: CorpusReader, masker: Masker, batch_size: int, pad_id: int, *,
-                 cache_factory: Callable[[], object] | None = None, first_worker: int = 0):
+                 cache_factory: Callable[[int], object] | None = None):
         self.reader, self.masker, self.batch_size, self.pad_id = reader, masker, batch_size, pad_id
-        self.cache_factory, self.first_worker = cache_factory, first_worker
+        self.cache_factory = cache_factory
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        q, readers = self.reader.reader_index((worker + self.first_worker) % workers, workers)
-        lookup = self.cache_factory() if self.cache_factory is not None else None  # per worker: its own shards
-        samples, cursors = [], []
-        for cursor, sample in self.reader.stream(q, readers):
-            samples.append(sample)
-            cursors.append(cursor)
-            if len(samples) == self.batch_size:
-                yield self._batch(samples, cursors, lookup)
-                samples, cursors = [], []
-        if samples:
-            yield self._batch(samples, cursors, lookup)
+        world = self.reader.world_size
+        owned = -(-self.reader.partitions // (world * workers))  # partitions whose window this worker holds
+        lookup = self.cache_factory(owned) if self.cache_factory is not None else None
+        samples, slots, last, batch = [], [], None, 0
+        stream = self.reader.stream(lambda p: (p // world) % workers == worker)
+        for i, (epoch, position, sample) in enumerate(stream):
+            if i // self.batch_size != batch:
+                yield self._part(batch, samples, slots, last, lookup)
+                samples, slots, last, batch = [], [], None, i // self.batch_size
+            if sample is not None:
+                samples.append(sample)
+                slots.append(i % self.batch_size)
+                last = (epoch, position)
+        if slots or last is None:
+            yield self._part(batch, samples, slots, last, lookup)
 
-    def _batch(self, samples: list, cursors: list, lookup) -> dict:
+    def _part(self, batch: int, samples: list, slots: list, last, lookup) -> dict:
+        part = {BATCH: batch, SLOTS: torch.tensor(slots, dtype=torch.long),
+                LAST: torch.tensor(last if last is not None else (-1, -1), dtype=torch.long)}
+        if not samples:
+            return part
         masked = self.masker.batch(samples)
         cache = None
         if lookup is not None:
             cache = lookup.gather(masked.keys)
             check_join(masked, cache, lookup.cache_dir)
-        batch = collate_masked(masked, self.pad_id, cache)
-        furthest: dict[tuple, int] = {}
-        for epoch, window, a, b in cursors:  # one cursor per run of positions: [a, b) grows sample by sample
-            furthest[(epoch, window, a)] = max(b, furthest.get((epoch, window, a), b))
-        batch[CURSORS] = torch.tensor([[*k, b] for k, b in furthest.items()], dtype=torch.long)
-        return batch
+        return {**collate_masked(masked, self.pad_id, cache), **part}
+
+
+def merge_parts(parts: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch from the workers' parts: samples back in their places, padded to the longest, masked rows
+    ordered by sample (the same tensors one worker would have made)."""
+    full = [p for p in parts if len(p[SLOTS])]
+    if len(full) == 1:
+        return {k: v for k, v in full[0].items() if k not in (SLOTS, BATCH, LAST)}
+    width = max(p["input_ids"].shape[1] for p in full)
+    slots = torch.cat([p[SLOTS] for p in full])
+    order = torch.argsort(slots)
+    out = {}
+    for key, value in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+        padded = [torch.nn.functional.pad(p[key], (0, width - p[key].shape[1]), value=value) for p in full]
+        out[key] = torch.cat(padded)[order]
+    place = torch.empty_like(order)
+    place[order] = torch.arange(len(order))
+    rows = torch.cat([place[offset + p["rows"]] for offset, p in zip(_offsets(full), full)])
+    by_row = torch.argsort(rows, stable=True)  # sample order; each sample's positions stay ascending
+    out["rows"] = rows[by_row]
+    for key in full[0]:
+        if key not in out and key not in (SLOTS, BATCH, LAST, "rows"):
+            out[key] = torch.cat([p[key] for p in full])[by_row]
+    return out
+
+
+def _offsets(parts: list[dict]) -> list[int]:
+    sizes = [len(p[SLOTS]) for p in parts]
+    return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
 class TrainLoader:
     """A rank's batches through a DataLoader (workers, prefetch, pinned memory), with a world-size-free state.
 
-    `reader` is the rank's CorpusReader (its rank and world size, seed, shuffle, loop); `cache_factory`
-    builds a `CacheLookup` inside each worker (None: masks only). `num_workers=0` runs in this process.
+    `reader` is the rank's CorpusReader (its rank and world size, seed, shuffle, loop); `cache_factory(n)`
+    builds a `CacheLookup` inside each worker, holding the shards of n windows (None: masks only).
+    `num_workers=0` runs in this process. The batches do not depend on `num_workers`.
     """
 
     def __init__(self, reader: CorpusReader, masker: Masker, batch_size: int, pad_id: int, *,
-                 cache_factory: Callable[[], object] | None = None, num_workers: int = 0,
+                 cache_factory: Callable[[int], object] | None = None, num_workers: int = 0,
                  prefetch_factor: int = 2, pin_memory: bool = False):
         if batch_size < 1 or num_workers < 0 or prefetch_factor < 1:
             raise ValueError("batch_size and prefetch_factor must be >= 1, num_workers >= 0")
         self.reader, self.masker, self.batch_size, self.pad_id = reader, masker, batch_size, pad_id
         self.cache_factory, self.num_workers = cache_factory, num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
-        self.batches = 0
         self._iter = None
 
     def _start(self) -> Iterator[dict]:
-        workers = max(self.num_workers, 1)
-        stream = BatchStream(self.reader, self.masker, self.batch_size, self.pad_id,
-                             cache_factory=self.cache_factory, first_worker=self.batches % workers)
+        stream = BatchStream(self.reader, self.masker, self.batch_size, self.pad_id, cache_factory=self.cache_factory)
         extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False} if self.num_workers else {}
         # A private generator: the DataLoader draws its workers' base seed from it, and drawing from torch's
         # global one would shift the dropout stream of a resumed run (exact resume compares weights bit for bit).
@@ -151,50 +182,20 @@ class TrainLoader:
         """The next batch (CPU tensors, pinned when asked); its samples now count as consumed."""
         if self._iter is None:
             self._iter = self._start()
-        batch = next(self._iter)
-        for cursor in batch.pop(CURSORS).tolist():
-            # Several ranks: only the merged state (global_state) may call an epoch finished.
-            self.reader.advance(cursor, prune=self.reader.world_size == 1)
-        self.batches += 1
-        return batch
+        parts = [next(self._iter) for _ in range(max(self.num_workers, 1))]
+        if len({int(p[BATCH]) for p in parts}) != 1:
+            raise RuntimeError("loader workers fell out of step")  # a bug, not a user error
+        if not any(len(p[SLOTS]) for p in parts):
+            raise StopIteration
+        epoch, position = max(tuple(p[LAST].tolist()) for p in parts)
+        self.reader.advance(epoch, position)
+        return merge_parts(parts, self.pad_id)
 
     def state_dict(self) -> dict:
-        """The reader's world-size-independent state, plus the batch count (which worker is next)."""
-        return {**self.reader.state_dict(), "batches": self.batches}
+        """The reader's world-size-independent state: epoch, global offset, seed."""
+        return self.reader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (before the first batch is drawn)."""
         self.reader.load_state_dict(state)
-        self.batches = int(state.get("batches", 0))
         self._iter = None
-
-    def global_state(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], rank: int, world_size: int) -> dict:
-        """The state of all ranks together (every rank calls this at the same step; two all-reduces).
-
-        Each rank's taken intervals are gathered (as bytes, summed into its own row) and united; finished epochs
-        are dropped and the result is applied here too, so every rank holds the same, small state.
-        """
-        if world_size == 1:
-            return self.state_dict()
-        own = json.dumps(self.reader.state_dict(), sort_keys=True).encode()
-        sizes = torch.zeros(world_size, dtype=torch.float64)
-        sizes[rank] = len(own)
-        sizes = all_reduce_sum(sizes)
-        rows = torch.zeros(world_size, int(sizes.max().item()), dtype=torch.float64)
-        rows[rank, :len(own)] = torch.tensor(list(own), dtype=torch.float64)
-        rows = all_reduce_sum(rows).to(torch.uint8)
-        states = [json.loads(bytes(rows[r, :int(sizes[r].item())].tolist())) for r in range(world_size)]
-        reader = self.reader
-        union = CorpusReader.__new__(CorpusReader)  # bookkeeping only: reuse the reader's own interval arithmetic
-        union.__dict__.update(reader.__dict__)
-        union.taken, union._totals, union.epoch = {}, {}, min(int(st["epoch"]) for st in states)
-        for st in states:
-            for epoch, per_window in st["taken"].items():
-                for window, intervals in per_window.items():
-                    for a, b in intervals:
-                        union.advance((int(epoch), int(window), a, b))
-        state = {**union.state_dict(), "batches": self.batches}
-        iterator = self._iter
-        self.load_state_dict(state)
-        self._iter = iterator  # the stream goes on: only the bookkeeping was replaced
-        return state

@@ -103,8 +103,11 @@ class Config:
     """Gradient norm clipping; None turns it off."""
     shuffle_buffer: int = 1024
     """Samples a shuffle window holds at least (consecutive shards of a seeded permutation, mixed together)."""
-    loader_workers: int = 2
-    """DataLoader worker processes per rank (0: in the training process); each reads its own shards."""
+    reader_partitions: int = 48
+    """Partitions the shuffle windows are dealt to: fixes the sample order; rank counts that divide it (with
+    their loader workers) read disjoint shards. A rank holds one window per partition it reads."""
+    loader_workers: int = field(default=2, metadata={"hash": False})
+    """DataLoader worker processes per rank (0: in the training process); the batches do not depend on it."""
     prefetch_factor: int = field(default=2, metadata={"hash": False})
     """Batches each loader worker prepares ahead."""
     pin_memory: bool | None = field(default=None, metadata={"hash": False})
@@ -148,8 +151,8 @@ class Config:
             raise ValueError("eval_every and checkpoint_every must be >= 0")
         if not 0 < self.mask_rate < 1:
             raise ValueError(f"mask_rate must be in (0, 1), got {self.mask_rate}")
-        if self.shuffle_buffer < 1 or self.loader_workers < 0 or self.prefetch_factor < 1:
-            raise ValueError("shuffle_buffer and prefetch_factor must be >= 1, loader_workers >= 0")
+        if self.shuffle_buffer < 1 or self.reader_partitions < 1 or self.loader_workers < 0 or self.prefetch_factor < 1:
+            raise ValueError("shuffle_buffer, reader_partitions and prefetch_factor must be >= 1, loader_workers >= 0")
 
     def engine_settings(self, world_size: int) -> EngineSettings:
         """What the engine needs; a batch that does not split over the ranks is a ConfigError."""

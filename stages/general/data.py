@@ -103,10 +103,10 @@ class TrainStream:
     def __init__(self, config: Config, ctx, setup: Setup, micro: int, split: str = "train", *, shuffle: bool = True):
         from formats.loader import TrainLoader
 
-        self.micro, self.pad_id, self.world = micro, int(setup.corpus_extra["pad_id"]), ctx.world
+        self.micro, self.pad_id = micro, int(setup.corpus_extra["pad_id"])
         reader = corpus.CorpusReader(setup.corpus_dir, split, seed=ctx.seed, shuffle=shuffle,
                                      shuffle_buffer=config.shuffle_buffer, rank=ctx.world.rank,
-                                     world_size=ctx.world.world_size, loop=True)
+                                     world_size=ctx.world.world_size, loop=True, partitions=config.reader_partitions)
         self.cached = setup.cache_dir is not None and (split == "train" or setup.cache_has_valid)
         factory = None
         if self.cached:
@@ -127,8 +127,8 @@ class TrainStream:
         return next(self.loader)
 
     def state_dict(self) -> dict:
-        """What every rank consumed together, independent of the world size (a collective: all ranks call it)."""
-        return self.loader.global_state(dist.all_reduce_sum, self.world.rank, self.world.world_size)
+        """The reader's world-size-independent position (the same on every rank)."""
+        return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (before the first batch is drawn)."""
@@ -141,13 +141,13 @@ class _CacheFactory:
     def __init__(self, cache_dir: Path, split: str, shuffle_buffer: int):
         self.cache_dir, self.split, self.shuffle_buffer = cache_dir, split, shuffle_buffer
 
-    def __call__(self):
+    def __call__(self, windows: int):
         from formats.cache import CacheLookup, decoded_capacity
         from pipeline.manifest import Manifest
 
         manifest = Manifest.load(self.cache_dir)
         return CacheLookup(self.cache_dir, manifest, self.split,
-                           capacity=decoded_capacity(manifest, self.split, self.shuffle_buffer))
+                           capacity=decoded_capacity(manifest, self.split, self.shuffle_buffer, windows))
 
 
 @torch.no_grad()

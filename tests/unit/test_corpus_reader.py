@@ -1,5 +1,5 @@
-"""The corpus reader: a fixed order per (seed, epoch), disjoint whole-shard reads per rank and worker, elastic
-resume, corrupt shards."""
+"""The corpus reader: a global order fixed by (seed, epoch, partitions), ranks partition it, exact resume on
+1 and 2 ranks, worker split, corrupt shards."""
 
 from __future__ import annotations
 
@@ -55,15 +55,52 @@ def test_order_is_a_fixed_permutation(shard_dir):
     assert plain == [s.key for p in shard_paths(shard_dir) for s in read_shard(p)]
 
 
+def test_ranks_partition_the_global_order(shard_dir):
+    single = keys(CorpusReader(shard_dir, seed=1, shuffle_buffer=16))
+    rank0 = keys(CorpusReader(shard_dir, seed=1, shuffle_buffer=16, rank=0, world_size=2))
+    rank1 = keys(CorpusReader(shard_dir, seed=1, shuffle_buffer=16, rank=1, world_size=2))
+    assert rank0 == single[0::2] and rank1 == single[1::2]
+
+
+@pytest.mark.parametrize("world_before,world_after", [(1, 1), (2, 2), (2, 1), (1, 2)])
+def test_resume_continues_with_the_next_sample(shard_dir, world_before, world_after):
+    single = keys(CorpusReader(shard_dir, seed=5, shuffle_buffer=16))
+    readers = [CorpusReader(shard_dir, seed=5, shuffle_buffer=16, rank=r, world_size=world_before) for r in range(world_before)]
+    iterators = [iter(r) for r in readers]
+    steps = 11
+    for _ in range(steps):
+        for it in iterators:
+            next(it)
+    states = [r.state_dict() for r in readers]
+    assert all(s == states[0] for s in states), "the state does not depend on the rank"
+    assert states[0] == {"epoch": 0, "offset": steps * world_before, "seed": 5}
+    resumed = []
+    for rank in range(world_after):
+        reader = CorpusReader(shard_dir, seed=5, shuffle_buffer=16, rank=rank, world_size=world_after)
+        reader.load_state_dict(states[0])
+        resumed.append(keys(reader))
+    start = steps * world_before
+    for rank in range(world_after):
+        assert resumed[rank] == single[start + rank::world_after]
+
+
 def test_loop_advances_the_epoch(shard_dir):
     reader = CorpusReader(shard_dir, seed=2, shuffle_buffer=8, loop=True)
     total = reader.num_samples
     stream = keys(reader, total + 3)
     assert stream[total:] == keys(CorpusReader(shard_dir, seed=2, shuffle_buffer=8, epoch=1), 3)
-    state = reader.state_dict()
-    assert state["epoch"] == 1 and sum(b - a for i in state["taken"]["1"].values() for a, b in i) == 3
+    assert reader.state_dict() == {"epoch": 1, "offset": 3, "seed": 2}
     with pytest.raises(ConfigError, match="same seed"):
         CorpusReader(shard_dir, seed=9).load_state_dict(reader.state_dict())
+
+
+def test_dataloader_workers_split_without_changing_the_set(shard_dir):
+    single = keys(CorpusReader(shard_dir, seed=1, shuffle_buffer=16, rank=1, world_size=2))
+    loader = torch.utils.data.DataLoader(
+        CorpusReader(shard_dir, seed=1, shuffle_buffer=16, rank=1, world_size=2),
+        batch_size=None, num_workers=2, collate_fn=lambda s: s.key,
+    )
+    assert list(loader) == single, "round-robin over 2 workers with one sample at a time keeps the order"
 
 
 def test_windows_hold_a_buffer_and_depend_on_counts_only():

