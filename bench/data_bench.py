@@ -6,9 +6,10 @@ reader_rank_scaling          per-rank tokens/s of the training loader (read, mas
 loader_vs_reader             the full training input path (read, mask, join the cache, collate, pin when CUDA
                              is there) / the bare shard reader (CorpusReader: read, verify, shuffle), tokens/s,
                              one process, no workers (goal >= 0.5).
-loader_rss_bytes_per_sample  resident memory the loader adds over one epoch, per corpus sample, measured in a
-                             fresh process (goal <= 1): a window of shards and a few decoded cache shards,
-                             whatever the corpus size.
+loader_rss_bytes_per_sample  resident memory the loader adds per corpus sample (goal <= 1): the peak RSS a fresh
+                             process adds over one epoch, on a corpus and on one 3x its size; the slope
+                             between the two (a window per partition and its cache shards are held,
+                             whatever the corpus size, so it should be ~0).
 shard_worker_scaling         input bytes the busiest of 4 shard workers reads / total input (goal <= 0.3),
                              from the scan records the real stage writes (each worker reads its pieces only).
 
@@ -123,13 +124,18 @@ class _Lookup:
                            capacity=decoded_capacity(self.manifest, "train", self.buffer, windows))
 
 
+PARTITIONS = 8
+"""Reader partitions here: 8 simulated ranks divide it, and a rank's windows in flight stay small next to
+the corpus (the stage default is 48)."""
+
+
 def _loader(shard_dir: Path, lookup, *, rank: int = 0, world: int = 1, buffer: int, batch: int = 32):
     import torch
 
     from formats.corpus import CorpusReader
     from formats.loader import TrainLoader
 
-    reader = CorpusReader(shard_dir, seed=0, shuffle_buffer=buffer, rank=rank, world_size=world)
+    reader = CorpusReader(shard_dir, seed=0, shuffle_buffer=buffer, rank=rank, world_size=world, partitions=PARTITIONS)
     return TrainLoader(reader, _masker(shard_dir), batch, 0, cache_factory=lookup,
                        pin_memory=torch.cuda.is_available())
 
@@ -145,7 +151,7 @@ def _reader_tokens(shard_dir: Path, buffer: int) -> tuple[int, float]:
     from formats.corpus import CorpusReader
 
     start, tokens = time.perf_counter(), 0
-    for sample in CorpusReader(shard_dir, seed=0, shuffle_buffer=buffer):
+    for sample in CorpusReader(shard_dir, seed=0, shuffle_buffer=buffer, partitions=PARTITIONS):
         tokens += len(sample.input_ids)
     return tokens, time.perf_counter() - start
 
@@ -168,28 +174,35 @@ print(json.dumps({"base": base, "peak": max(peak, base), "samples": loader.reade
 """
 
 
-def _rss_per_sample(shard_dir: Path, cache_dir: Path, manifest, buffer: int) -> dict:
+def _rss_added(shard_dir: Path, cache_dir: Path, manifest, buffer: int) -> tuple[int, int]:
+    """(peak RSS the loader added over one epoch, corpus samples), in a fresh process."""
     plain = {"extra": manifest.extra, "outputs": [vars(o) for o in manifest.outputs]}
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(shard_dir), str(cache_dir), json.dumps(plain), str(buffer)],
                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
     figures = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"loader_rss_bytes_per_sample": (figures["peak"] - figures["base"]) / figures["samples"],
-            "loader_rss_added_bytes": figures["peak"] - figures["base"], "loader_rss_corpus_samples": figures["samples"]}
+    return figures["peak"] - figures["base"], figures["samples"]
+
+
+def _corpus(root: Path, name: str, lines: int, seed: int, workers: int) -> tuple[Path, int, Path, object]:
+    """Text, shards (4 pieces per worker) and a synthetic cache: (shard dir, input bytes, cache dir, manifest)."""
+    folder = root / name
+    folder.mkdir()
+    text = folder / "corpus.txt"
+    _text(text, lines, seed)
+    total = text.stat().st_size
+    shard_dir = _shard(folder, text, workers=workers, piece_bytes=max(1, total // (4 * workers)), docs_per_shard=500)
+    return shard_dir, total, folder / "cache", _cache(shard_dir, folder / "cache", 32)
 
 
 def run(quick: bool) -> dict:
-    """Make the corpus and cache, then measure the four figures."""
-    lines, repeats = (40_000, 2) if quick else (200_000, 3)
+    """Make two corpora and their caches, then measure the four figures."""
+    lines, repeats = (30_000, 2) if quick else (150_000, 3)
     buffer = 256
     with tempfile.TemporaryDirectory(prefix="data-bench-") as tmp:
         root = Path(tmp)
-        text = root / "corpus.txt"
-        _text(text, lines)
-        total = text.stat().st_size
-        shard_dir = _shard(root, text, workers=4, piece_bytes=max(1, total // 16), docs_per_shard=1000)
+        shard_dir, total, cache_dir, manifest = _corpus(root, "small", lines, 0, 4)
         share = _worker_share(shard_dir, total, 4)
-        manifest = _cache(shard_dir, root / "cache", 32)
-        lookup = _Lookup(root / "cache", manifest, buffer)
+        lookup = _Lookup(cache_dir, manifest, buffer)
         one, eight, bare = [], [], []
         for _ in range(repeats):  # interleaved, so drift in machine load hits all alike
             tokens, seconds = _reader_tokens(shard_dir, buffer)
@@ -198,12 +211,16 @@ def run(quick: bool) -> dict:
             one.append(tokens / seconds)
             eight += [t / s for t, s in (_epoch_tokens(_loader(shard_dir, lookup, rank=r, world=8, buffer=buffer))
                                          for r in range(8))]
-        rss = _rss_per_sample(shard_dir, root / "cache", manifest, buffer)
+        small_added, small_n = _rss_added(shard_dir, cache_dir, manifest, buffer)
+        big_dir, _, big_cache, big_manifest = _corpus(root, "big", 3 * lines, 1, 4)
+        big_added, big_n = _rss_added(big_dir, big_cache, big_manifest, buffer)
     return {
         "reader_rank_scaling": statistics.median(eight) / statistics.median(one),
         "loader_vs_reader": statistics.median(one) / statistics.median(bare),
         "shard_worker_scaling": share,
-        **rss,
+        "loader_rss_bytes_per_sample": (big_added - small_added) / (big_n - small_n),
+        "loader_rss_added_bytes_small": small_added, "loader_rss_added_bytes_big": big_added,
+        "loader_rss_corpus_samples_small": small_n, "loader_rss_corpus_samples_big": big_n,
         "loader_tokens_per_s_1_rank": statistics.median(one),
         "loader_tokens_per_s_rank_of_8": statistics.median(eight),
         "bare_reader_tokens_per_s": statistics.median(bare),

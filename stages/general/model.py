@@ -119,7 +119,14 @@ class LossPlan:
         shares = {"positions": dist.global_share(torch.tensor(len(batch["labels"])))}
         shares["tokens"] = dist.global_share(batch["attention_mask"].sum()) if (need_hidden or need_attn) else 1.0
         parts = {name: objectives.TERMS[name].fn(pair) for name in weights}
-        return objectives.weighted_sum(parts, weights, shares)
+        total, report = objectives.weighted_sum(parts, weights, shares)
+        if dist.active():
+            # Report the global means, not rank 0's own: the same weighting as the gradient, averaged over ranks.
+            names = list(parts)
+            shared = torch.stack([weights[n] * shares[objectives.TERMS[n].unit] * parts[n].detach() for n in names])
+            values = dist.all_reduce_mean(shared).tolist()
+            report = {**dict(zip(names, values)), "total": sum(values)}
+        return total, report
 
 
 def export(config: Config, ctx, engine, setup, metrics: dict, layer_map: list[int]):
