@@ -62,15 +62,19 @@ _PCG_MULT = 0x2360ED051FC65DA44385DF649FCCF645
 _M128 = (1 << 128) - 1
 
 
-def seed_states(seeds: list[int]) -> list[dict]:
+def seed_states(seeds: "list[int] | np.ndarray") -> list[dict]:
     """PCG64 state dicts equal to `np.random.PCG64(seed).state` for 128-bit `seeds`, computed for all at once.
 
     numpy's seeding, vectorised over the batch: SeedSequence mixes the seed's four 32-bit words into a pool
     (hashmix/mix on uint32), draws four 64-bit words from it, and PCG64 steps once around adding the state
-    word. tests/unit/test_masking_batch.py checks it against numpy on thousands of seeds.
+    word. tests/unit/test_masking_batch.py checks it against numpy on thousands of seeds. `seeds` may also be
+    an [n, 4] array of the seeds' little-endian 32-bit words.
     """
-    n = len(seeds)
-    words = np.array([[(s >> (32 * i)) & 0xFFFFFFFF for i in range(4)] for s in seeds], dtype=np.uint64).reshape(n, 4)
+    if isinstance(seeds, np.ndarray):
+        n, words = len(seeds), seeds.astype(np.uint64)
+    else:
+        n = len(seeds)
+        words = np.array([[(s >> (32 * i)) & 0xFFFFFFFF for i in range(4)] for s in seeds], dtype=np.uint64).reshape(n, 4)
     mask32 = np.uint64(0xFFFFFFFF)
     hash_const = [_INIT_A]
 
@@ -255,7 +259,8 @@ def mask_batch(samples: list, *, mask_seed: int, rate: float, mask_id: int, voca
     maskable = np.flatnonzero(~np.isin(ids, special_ids))
     cuts = np.searchsorted(maskable, starts)
     rng = np.random.Generator(np.random.PCG64(0))
-    states = seed_states([_seed_int(mask_seed, s.key, "mask") for s in samples])
+    digests = b"".join(hashlib.sha256(f"mask\0{int(mask_seed)}\0{s.key}".encode()).digest()[:16] for s in samples)
+    states = seed_states(np.frombuffer(digests, dtype="<u4").reshape(len(samples), 4))  # = _seed_int's words
     positions, rolls, randoms = [], [], []
     for i, state in enumerate(states):
         rng.bit_generator.state = state
