@@ -22,10 +22,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from formats.corpus import CorpusReader
 from kd.masking import Masker, MaskedBatch
+from pipeline.config import ConfigError
+from pipeline.manifest import ManifestError
 
-SLOTS, BATCH, LAST = "_slots", "_batch", "_last"
+SLOTS, BATCH, LAST, ERROR, MESSAGE = "_slots", "_batch", "_last", "_error", "_message"
 """Keys of a worker's part of a batch: the samples' places in the batch, the batch number, and the (epoch,
-global position) of its last sample; removed when the parts are merged."""
+global position) of its last sample; removed when the parts are merged. A worker that meets a ManifestError
+or ConfigError sends its name and message instead."""
 
 
 def pad_rows(flat: np.ndarray, lengths: np.ndarray, value: int) -> torch.Tensor:
@@ -64,8 +67,6 @@ def collate_masked(masked: MaskedBatch, pad_id: int, cache: tuple | None = None)
 
 def check_join(masked: MaskedBatch, cache: tuple, where: Path) -> None:
     """ManifestError unless the cached positions are the recomputed masks (the same samples, the same masks)."""
-    from pipeline.manifest import ManifestError
-
     n, cols = cache
     if not (np.array_equal(n, masked.n_masked) and np.array_equal(cols["positions"], masked.positions)):
         bad = next((k for k, a, b in zip(masked.keys, n, masked.n_masked) if a != b), masked.keys[0])
@@ -87,6 +88,14 @@ class BatchStream(IterableDataset):
         self.cache_factory = cache_factory
 
     def __iter__(self) -> Iterator[dict]:
+        try:
+            yield from self._parts()
+        except (ManifestError, ConfigError) as err:
+            # Crossing the process boundary, torch would wrap it as "Caught ... in DataLoader worker process 0":
+            # hand the one-line message to the main process instead, which raises it as it was.
+            yield {ERROR: type(err).__name__, MESSAGE: str(err)}
+
+    def _parts(self) -> Iterator[dict]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         world = self.reader.world_size
@@ -183,6 +192,9 @@ class TrainLoader:
         if self._iter is None:
             self._iter = self._start()
         parts = [next(self._iter) for _ in range(max(self.num_workers, 1))]
+        for part in parts:
+            if ERROR in part:
+                raise (ManifestError if part[ERROR] == "ManifestError" else ConfigError)(part[MESSAGE])
         if len({int(p[BATCH]) for p in parts}) != 1:
             raise RuntimeError("loader workers fell out of step")  # a bug, not a user error
         if not any(len(p[SLOTS]) for p in parts):

@@ -112,3 +112,18 @@ def test_resume_continues_exactly_and_loops(shard_dir):
         got = next(second)
         assert all(torch.equal(got[k], want[k]) for k in want), "the resumed run continues with the next batch"
     assert second.state_dict()["epoch"] == 1
+
+
+def test_a_corrupt_shard_in_a_worker_is_the_one_line_error_naming_it(shard_dir, tmp_path):
+    import shutil
+
+    from pipeline.manifest import ManifestError
+
+    copy = tmp_path / "shard"
+    shutil.copytree(shard_dir, copy)
+    victim = sorted(copy.glob("train-*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[:-10])
+    with pytest.raises(ManifestError, match=rf"^{victim}: missing or does not match its sha256") as caught:
+        for _ in loader(copy, workers=2):
+            pass
+    assert "DataLoader worker" not in str(caught.value)
