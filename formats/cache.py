@@ -295,16 +295,26 @@ class CacheLookup:
 
     def gather(self, keys: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(masked rows per key, row-level columns of all keys concatenated in key order), one copy per column."""
-        found = [self._shard(key) for key in keys]
-        n = np.fromiter((d[2][i + 1] - d[2][i] for d, i in found), dtype=np.int64, count=len(found))
-        dest_start = np.concatenate([[0], np.cumsum(n)])
-        groups: dict[int, list[int]] = {}
-        for j, (decoded, _) in enumerate(found):
-            groups.setdefault(id(decoded), []).append(j)
-        out: dict[str, np.ndarray] = {}
+        groups: dict[str, list[int]] = {}
+        for j, key in enumerate(keys):
+            groups.setdefault(key.rpartition("-")[0], []).append(j)
+        plan = []  # (columns, members, rows in their shard, bounds) per cache shard
+        n = np.zeros(len(keys), dtype=np.int64)
         for members in groups.values():
-            (_, cols, bounds), members = found[members[0]][0], np.array(members)
-            rows = np.array([found[j][1] for j in members])
+            (header, cols, bounds), first = self._shard(keys[members[0]])
+            index = [keys[j].rpartition("-")[2] for j in members[1:]]
+            rows = np.array([first] + [int(i) if i.isdigit() else -1 for i in index], dtype=np.int64)
+            names = header["keys"]
+            if (int(rows.min()) < 0 or int(rows.max()) >= len(names)
+                    or any(names[r] != keys[j] for r, j in zip(rows.tolist(), members))):
+                for j in members:
+                    self._shard(keys[j])  # raises the one-line error naming the key
+            members = np.array(members)
+            n[members] = bounds[rows + 1] - bounds[rows]
+            plan.append((cols, members, rows, bounds))
+        dest_start = np.concatenate([[0], np.cumsum(n)])
+        out: dict[str, np.ndarray] = {}
+        for cols, members, rows, bounds in plan:
             counts = n[members]
             inner = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
             source, dest = np.repeat(bounds[rows], counts) + inner, np.repeat(dest_start[members], counts) + inner
