@@ -262,10 +262,17 @@ def mask_batch(samples: list, *, mask_seed: int, rate: float, mask_id: int, voca
     digests = b"".join(hashlib.sha256(f"mask\0{int(mask_seed)}\0{s.key}".encode()).digest()[:16] for s in samples)
     states = seed_states(np.frombuffer(digests, dtype="<u4").reshape(len(samples), 4))  # = _seed_int's words
     positions, rolls, randoms = [], [], []
+    local_maskable = maskable - np.repeat(starts[:-1], np.diff(cuts))  # positions within their sample
+    bit_generator, empty = rng.bit_generator, np.zeros(0, np.int64)
     for i, state in enumerate(states):
-        rng.bit_generator.state = state
-        start = starts[i]
-        chosen = _choose(maskable[cuts[i]:cuts[i + 1]] - start, ids[start:starts[i + 1]], rng, rate, word_start)
+        bit_generator.state = state
+        lo, hi = int(cuts[i]), int(cuts[i + 1])
+        if word_start is not None:
+            chosen = _choose(local_maskable[lo:hi], ids[starts[i]:starts[i + 1]], rng, rate, word_start)
+        elif hi > lo:  # `_choose` inlined: the same draws, without a call per sample
+            chosen = np.sort(local_maskable[lo + rng.permutation(hi - lo)[:max(1, int(round(rate * (hi - lo))))]])
+        else:
+            chosen = empty
         positions.append(chosen)
         rolls.append(rng.random(chosen.size))
         randoms.append(rng.integers(0, vocab_size, chosen.size))
