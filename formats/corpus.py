@@ -334,6 +334,9 @@ class CorpusReader(IterableDataset):
         `owns(partition) -> bool` picks the partitions whose samples are read (others come as None, so a
         DataLoader worker can skip its siblings' shards yet still count positions).
         """
+        if self.loop and self.rank >= self.num_samples:
+            raise ConfigError(f"{self.shard_dir}: the {self.split} split has {self.num_samples} samples, fewer than "
+                              f"the {self.world_size} ranks reading it; use fewer ranks or a larger corpus")
         epoch, start = self.epoch, self.offset
         while True:
             if start >= self.num_samples:

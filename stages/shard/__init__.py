@@ -187,17 +187,7 @@ def run(config: Config, ctx):
             log.info(f"{name}: {record['samples']} samples, {record['tokens']} tokens ({rate:,.0f} tokens/s)")
             ctx.tracker.log_metrics({"shard_tokens_per_s": rate, "shard_tokens": tokens_written}, step=written)
     log.info(f"worker {world.worker}: wrote {written} shards, {tokens_written:,} tokens")
-    return _manifest_if_complete(config, ctx, tokenizer, ids, blocks, _Stats(lay.stats), docs_per_split)
-
-
-class _Stats:
-    """The cleaning counts, shaped as the manifest writer reads them."""
-
-    def __init__(self, stats: dict[str, int]):
-        self._stats = stats
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self._stats)
+    return _manifest_if_complete(config, ctx, tokenizer, ids, blocks, lay.stats, docs_per_split)
 
 
 def _manifest_if_complete(config, ctx, tokenizer, ids, counts, stats, docs_per_split):
@@ -223,7 +213,7 @@ def _manifest_if_complete(config, ctx, tokenizer, ids, counts, stats, docs_per_s
                          "doc_tokens": sum(records[n]["doc_tokens"] for n in names)}
     extra = {"tokenizer_sha256": tokenizer_sha256(tok_dir), "tokenizer_dir": TOKENIZER_DIR,
              "vocab_size": len(tokenizer), "max_seq_len": config.max_seq_len, **ids, "splits": splits}
-    metrics = {**stats.as_dict(), **{f"{s}_{k}": v for s in SPLITS for k, v in splits[s].items() if k != "shards"}}
+    metrics = {**stats, **{f"{s}_{k}": v for s in SPLITS for k, v in splits[s].items() if k != "shards"}}
     return ctx.manifest(config, outputs, metrics=metrics, extra=extra)
 
 

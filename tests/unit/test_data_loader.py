@@ -127,3 +127,12 @@ def test_a_corrupt_shard_in_a_worker_is_the_one_line_error_naming_it(shard_dir, 
         for _ in loader(copy, workers=2):
             pass
     assert "DataLoader worker" not in str(caught.value)
+
+
+def test_more_ranks_than_samples_is_one_error_not_a_hang(shard_dir):
+    from pipeline.config import ConfigError
+
+    total = CorpusReader(shard_dir, "valid").num_samples
+    spare = CorpusReader(shard_dir, "valid", rank=total, world_size=total + 1, loop=True)
+    with pytest.raises(ConfigError, match=f"has {total} samples, fewer than the {total + 1} ranks"):
+        next(iter(spare))
