@@ -64,15 +64,11 @@ def _forward_only(samples, masker, model, settings, pad_id: int, device="cpu") -
     from kd import teachers
     from stages.cache import records as teacher
 
-    masked = [masker(s) for s in samples]
-    for batch in teacher._length_batches(np.array([m.input_ids.size for m in masked]), settings.batch_tokens):
-        group = [masked[i] for i in batch]
-        ids = teacher._pad([m.input_ids for m in group], pad_id, device)
-        types = teacher._pad([m.token_type_ids for m in group], 0, device)
-        rows = torch.from_numpy(np.concatenate([np.full(m.positions.size, r) for r, m in enumerate(group)])).to(device)
-        cols = torch.from_numpy(np.concatenate([m.positions for m in group])).to(device)
-        inputs = {"input_ids": ids, "attention_mask": teacher._attention(group, ids), "token_type_ids": types}
-        teachers.masked_lm_logits(model, inputs, rows, cols)
+    masked = masker.batch(samples)
+    starts = np.concatenate([[0], np.cumsum(masked.lengths)])
+    mstarts = np.concatenate([[0], np.cumsum(masked.n_masked)])
+    for batch in teacher._length_batches(masked.lengths, settings.batch_tokens):
+        teacher._forward(masked, starts, mstarts, batch, model, settings, device, pad_id)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 

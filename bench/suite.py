@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("shard_bench", "cache_bench", "general_bench", "task_bench")
+PARTS = ("shard_bench", "data_bench", "cache_bench", "general_bench", "task_bench")
 """Benchmark modules, each with `run(quick: bool) -> dict[str, float]`."""
 
 GPU_PARTS = ("gpu_bench",)
@@ -26,6 +26,10 @@ KEYS = {
     "cache_write_vs_forward": ("cache writing / bare teacher forward (throughput)", ">= 0.95"),
     "cached_vs_online_share_of_ideal": ("cached vs online teacher step, share of ideal speed-up", ">= 0.90"),
     "reader_vs_trainer": ("reader tokens/s / trainer tokens/s", ">= 20"),
+    "reader_rank_scaling": ("per-rank loader tokens/s at 8 simulated ranks / at 1 rank", ">= 0.9"),
+    "loader_vs_reader": ("training input path (read, mask, join cache, collate, pin) / bare shard reader", ">= 0.5"),
+    "loader_rss_bytes_per_sample": ("resident memory the loader adds per corpus sample (bytes)", "<= 1"),
+    "shard_worker_scaling": ("input bytes each of 4 shard workers reads / total input", "<= 0.3"),
     "cache_bytes_per_token": ("cache bytes per corpus token (k=32, 15% masking)", "<= 20"),
     "train_flops_vs_matmul": ("student-training FLOP/s / fp32 matmul FLOP/s", ">= 0.6"),
     "student_cpu_speedup": ("student vs teacher CPU inference speed-up", ">= 5"),

@@ -236,12 +236,115 @@ def check_provenance(cache_manifest, corpus_manifest, *, tokenizer_sha256: str |
                           "point at the cache of that teacher")
 
 
+class CacheLookup:
+    """A split's teacher-cache records found from each sample's key, with a bounded set of decoded shards.
+
+    A corpus key is `<corpus shard stem>-<index>` and a cache shard is `<teacher_id>/<stem>.cache`, so a
+    record is found from its key alone: no dict of every key (that was ~94 B a sample), and a header is read
+    only when its shard is first needed. Each shard is re-hashed against the manifest before it is trusted.
+    """
+
+    def __init__(self, cache_dir: Path, manifest, split: str, *, capacity: int):
+        self.cache_dir, self.capacity = Path(cache_dir), max(1, int(capacity))
+        self._shards = {Path(rel).name[: -len(SUFFIX)]: rel for rel in manifest.extra["splits"][split]["shards"]}
+        self._hashes = {out.path: out.sha256 for out in manifest.outputs}
+        self._loaded: dict[str, tuple[dict, dict[str, np.ndarray], np.ndarray]] = {}
+        self._verified: set[str] = set()
+
+    def _shard(self, key: str) -> tuple[tuple[dict, dict, np.ndarray], int]:
+        """(decoded shard, row of the key in it); ManifestError when the cache has no record for the key."""
+        stem, _, index = key.rpartition("-")
+        rel = self._shards.get(stem)
+        if rel is None or not index.isdigit():
+            raise ManifestError(f"{self.cache_dir}: no cache record for sample {key!r} (cache and corpus differ)")
+        if stem not in self._loaded:
+            path = self.cache_dir / rel
+            self._check(path, rel)
+            if len(self._loaded) >= self.capacity:
+                self._loaded.pop(next(iter(self._loaded)))  # oldest first: readers move through shards in order
+            header, cols = decode_shard(path.read_bytes(), path)
+            self._loaded[stem] = (header, cols, np.concatenate([[0], np.cumsum(header["n_masked"], dtype=np.int64)]))
+        decoded, row = self._loaded[stem], int(index)
+        keys = decoded[0]["keys"]
+        if row >= len(keys) or keys[row] != key:
+            raise ManifestError(f"{self.cache_dir / rel}: no record for sample {key!r} at row {row} "
+                                "(cache and corpus differ); rebuild the cache")
+        return decoded, row
+
+    def _check(self, path: Path, rel: str) -> None:
+        """Re-hash a shard against the cache manifest once before trusting it: a flipped byte may still decode."""
+        if rel in self._verified:
+            return
+        from pipeline.manifest import sha256_file
+
+        if not path.is_file() or sha256_file(path) != self._hashes.get(rel):
+            raise ManifestError(f"{path}: does not match its sha256 in the cache manifest (altered or corrupt); "
+                                "rerun the cache stage with --force")
+        self._verified.add(rel)
+
+    def record(self, key: str) -> CacheRecord:
+        """The cache record of one sample key."""
+        (header, cols, bounds), i = self._shard(key)
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        return CacheRecord(
+            key=key, positions=cols["positions"][lo:hi].astype(np.int64), topk_ids=cols["topk_ids"][lo:hi],
+            topk_logp=cols["topk_logp"][lo:hi], tail_logmass=cols["tail_logmass"][lo:hi],
+            sampled_ids=cols["sampled_ids"][lo:hi] if "sampled_ids" in cols else None,
+            sampled_counts=cols["sampled_counts"][lo:hi] if "sampled_counts" in cols else None,
+            cls_hidden=cols["cls_hidden"][i] if "cls_hidden" in cols else None)
+
+    def gather(self, keys: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(masked rows per key, row-level columns of all keys concatenated in key order), one copy per column."""
+        groups: dict[str, list[int]] = {}
+        for j, key in enumerate(keys):
+            groups.setdefault(key.rpartition("-")[0], []).append(j)
+        plan = []  # (columns, members, rows in their shard, bounds) per cache shard
+        n = np.zeros(len(keys), dtype=np.int64)
+        for members in groups.values():
+            (header, cols, bounds), first = self._shard(keys[members[0]])
+            index = [keys[j].rpartition("-")[2] for j in members[1:]]
+            rows = np.array([first] + [int(i) if i.isdigit() else -1 for i in index], dtype=np.int64)
+            names = header["keys"]
+            if (int(rows.min()) < 0 or int(rows.max()) >= len(names)
+                    or any(names[r] != keys[j] for r, j in zip(rows.tolist(), members))):
+                for j in members:
+                    self._shard(keys[j])  # raises the one-line error naming the key
+            members = np.array(members)
+            n[members] = bounds[rows + 1] - bounds[rows]
+            plan.append((cols, members, rows, bounds))
+        dest_start = np.concatenate([[0], np.cumsum(n)])
+        out: dict[str, np.ndarray] = {}
+        for cols, members, rows, bounds in plan:
+            counts = n[members]
+            inner = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            source, dest = np.repeat(bounds[rows], counts) + inner, np.repeat(dest_start[members], counts) + inner
+            for name, column in cols.items():
+                if name == "cls_hidden":
+                    continue  # one row per sample, not per masked position; `record` has it
+                if name not in out:
+                    out[name] = np.empty((int(dest_start[-1]), *column.shape[1:]), dtype=column.dtype)
+                out[name][dest] = column[source]
+        return n, out
+
+
+def decoded_capacity(manifest, split: str, shuffle_buffer: int, windows: int = 1) -> int:
+    """Decoded cache shards a reader keeps: as many as `windows` shuffle windows of typical (median) shards span.
+
+    The median, not the smallest: one tiny last shard must not pin hundreds of decoded shards in memory.
+    """
+    shards = set(manifest.extra["splits"][split]["shards"])
+    counts = sorted(int(o.items.get("samples", 0)) for o in manifest.outputs if o.path in shards)
+    typical = max(counts[len(counts) // 2] if counts else 1, 1)
+    return max(4, windows * (-(-int(shuffle_buffer) // typical) + 1) + 1)
+
+
 class CachedCorpus:
     """Corpus samples joined by key with their masks and teacher-cache records, for a student to train on.
 
     Reads corpus samples through `formats.corpus.CorpusReader` (shuffling, ranks and resume are its job),
-    re-creates each sample's mask from the cache manifest's `mask` block, and looks the record up by key.
-    A cache whose provenance does not match is refused before anything is read.
+    re-creates each sample's mask from the cache manifest's `mask` block, and looks the record up by key
+    (`CacheLookup`). A cache whose provenance does not match is refused before anything is read. The
+    training loader (`formats.loader.TrainLoader`) does the same per batch in DataLoader workers.
     """
 
     def __init__(self, corpus_dir: Path, cache_dir: Path, split: str = "train", *,
@@ -253,8 +356,7 @@ class CachedCorpus:
         self.corpus_dir, self.cache_dir = Path(corpus_dir), Path(cache_dir)
         self.manifest = Manifest.load(self.cache_dir)
         check_provenance(self.manifest, self.corpus_dir, tokenizer_sha256=tokenizer_sha256, teacher_id=teacher_id)
-        split_info = self.manifest.extra["splits"].get(split)
-        if split_info is None:
+        if split not in self.manifest.extra["splits"]:
             from pipeline.config import ConfigError
 
             raise ConfigError(f"cache {self.manifest.name!r} has no {split!r} split (has: {', '.join(self.manifest.extra['splits'])})")
@@ -262,42 +364,13 @@ class CachedCorpus:
         self.vocab_size = int(self.manifest.extra["provenance"]["teacher_vocab_size"])
         self.masker = Masker(self.spec, corpus.load_tokenizer(self.corpus_dir) if self.spec.whole_word else None)
         self.reader = corpus.CorpusReader(self.corpus_dir, split, **reader_kwargs)
-        self._where: dict[str, Path] = {}
-        smallest = None
-        for rel in split_info["shards"]:
-            keys = read_header(self.cache_dir / rel)["keys"]
-            smallest = len(keys) if smallest is None else min(smallest, len(keys))
-            for key in keys:
-                self._where[key] = self.cache_dir / rel
-        # Keep as many shards decoded as a shuffle buffer can span, so shuffled reads do not re-decode.
-        span = -(-int(reader_kwargs.get("shuffle_buffer", 1024)) // max(smallest or 1, 1)) + 2
-        self._capacity = max(4, span)
-        self._loaded: dict[Path, dict[str, CacheRecord]] = {}
-        self._hashes = {out.path: out.sha256 for out in self.manifest.outputs}
-        self._verified: set[Path] = set()
+        capacity = decoded_capacity(self.manifest, split, self.reader.shuffle_buffer,
+                                    -(-self.reader.partitions // self.reader.world_size))
+        self.lookup = CacheLookup(self.cache_dir, self.manifest, split, capacity=capacity)
 
     def record(self, key: str) -> CacheRecord:
         """The cache record of one sample key (ManifestError when the cache lacks it)."""
-        path = self._where.get(key)
-        if path is None:
-            raise ManifestError(f"{self.cache_dir}: no cache record for sample {key!r} (cache and corpus differ)")
-        if path not in self._loaded:
-            self._check(path)
-            if len(self._loaded) >= self._capacity:
-                self._loaded.pop(next(iter(self._loaded)))
-            self._loaded[path] = {r.key: r for r in read_cache_shard(path)}
-        return self._loaded[path][key]
-
-    def _check(self, path: Path) -> None:
-        """Re-hash a shard against the cache manifest once before trusting it: a flipped byte may still decode."""
-        if path in self._verified:
-            return
-        from pipeline.manifest import sha256_file
-
-        if sha256_file(path) != self._hashes.get(path.relative_to(self.cache_dir).as_posix()):
-            raise ManifestError(f"{path}: does not match its sha256 in the cache manifest (altered or corrupt); "
-                                "rerun the cache stage with --force")
-        self._verified.add(path)
+        return self.lookup.record(key)
 
     def __iter__(self) -> Iterator[tuple]:
         for sample in self.reader:

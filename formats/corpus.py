@@ -4,11 +4,11 @@ A shard is a webdataset tar of `.npy` members (fixed names, mtimes, owners and m
 always give the same bytes), written to a temporary name, fsynced and renamed. Reading gives a
 deterministic, resumable sample stream.
 
-The global order of samples for (seed, epoch) depends only on the manifest: shard order is a seeded
-permutation and a seeded, bounded shuffle buffer mixes samples across neighbouring shards. Rank r of w
-takes global positions start + r, start + r + w, ...; a state saved after N global samples resumes at
-position N on any world size. DataLoader workers split a rank's positions further, round-robin, so with
-batch_size=1 per worker the rank sees the same order as without workers.
+Reading is split by whole shards: each epoch a seeded permutation of the shards is cut into shuffle
+windows (consecutive shards holding at least `shuffle_buffer` samples), dealt to a fixed number of
+partitions; the global order interleaves the partitions, and rank r of w takes every w-th position, which
+(when w divides the partition count) touches only its own partitions' shards. The order, and so the
+resumable state (one offset), does not depend on the world size (see CorpusReader).
 """
 
 from __future__ import annotations
@@ -194,56 +194,111 @@ def _sample(key: str, members: dict[str, memoryview]) -> Sample:
     return Sample(key, ids, types)
 
 
-def global_order(counts: list[int], *, seed: int, epoch: int, shuffle: bool, buffer: int) -> Iterator[tuple[int, int]]:
-    """(shard, index) of every sample in the global order for (seed, epoch); a function of `counts` alone."""
-    shards = np.random.default_rng([seed, epoch, 0]).permutation(len(counts)) if shuffle else range(len(counts))
+def epoch_windows(counts: list[int], *, seed: int, epoch: int, shuffle: bool, buffer: int) -> list[list[int]]:
+    """The shuffle windows of (seed, epoch): consecutive shards of a seeded shard permutation, grouped until a
+    window holds at least `buffer` samples (one shard per window, in manifest order, without shuffling).
+
+    A function of the manifest's sample counts alone, never of the world size: windows are the unit that
+    readers own, and the unit a resumable state counts in.
+    """
     if not shuffle:
-        for s in shards:
-            for j in range(counts[s]):
-                yield s, j
-        return
-    rng = np.random.default_rng([seed, epoch, 1])
-    draws, used = rng.random(4096), 0
-    pool: list[tuple[int, int]] = []
-    for s in shards:
-        for j in range(counts[s]):
-            if len(pool) < buffer:
-                pool.append((int(s), j))
-                continue
-            if used == len(draws):
-                draws, used = rng.random(4096), 0
-            k = int(draws[used] * buffer)
-            used += 1
-            yield pool[k]
-            pool[k] = (int(s), j)
-    for k in np.random.default_rng([seed, epoch, 2]).permutation(len(pool)):
-        yield pool[k]
+        return [[s] for s in range(len(counts))]
+    windows, current, held = [], [], 0
+    for s in np.random.default_rng([seed, epoch, 0]).permutation(len(counts)):
+        current.append(int(s))
+        held += counts[s]
+        if held >= buffer:
+            windows.append(current)
+            current, held = [], 0
+    return windows + ([current] if current else [])
+
+
+def window_order(size: int, *, seed: int, epoch: int, window: int, shuffle: bool) -> np.ndarray:
+    """The order in which a window's samples (its shards' samples, one shard after another) are read."""
+    if not shuffle:
+        return np.arange(size)
+    return np.random.default_rng([seed, epoch, 1, window]).permutation(size)
+
+
+class EpochPlan:
+    """Where every sample of one epoch sits: the windows' samples cut into `partitions` equal ranges, and the
+    global order that interleaves the partitions round-robin.
+
+    The epoch's samples, window after window (each window in its (seed, epoch, window) order), are cut into
+    P contiguous ranges of equal length (the first N % P one longer); global position g is sample g // P of
+    partition g % P (the last, short round takes partitions 0, 1, ...). A partition spans whole windows except
+    at its two ends, so readers of different partitions share at most the P - 1 boundary windows. Everything
+    is a function of the manifest's counts, the seed, the epoch and P: never of the world size.
+    """
+
+    def __init__(self, counts: list[int], *, seed: int, epoch: int, shuffle: bool, buffer: int, partitions: int):
+        self.seed, self.epoch, self.shuffle, self.counts = seed, epoch, shuffle, counts
+        self.windows = epoch_windows(counts, seed=seed, epoch=epoch, shuffle=shuffle, buffer=buffer)
+        self.sizes = [sum(counts[s] for s in shards) for shards in self.windows]
+        self.window_starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.total = int(self.window_starts[-1])
+        self.partitions = partitions if shuffle else 1  # unshuffled: plain file order (small splits, evaluation)
+        self.per, self.longer = divmod(self.total, self.partitions)
+
+    def partition_start(self, p: int) -> int:
+        """Position, in the window-after-window sequence, of partition p's first sample."""
+        return p * self.per + min(p, self.longer)
+
+    def place(self, g: int) -> tuple[int, int]:
+        """(partition, index in it) of global position g."""
+        full = self.per * self.partitions
+        return (g % self.partitions, g // self.partitions) if g < full else (g - full, self.per)
+
+    def locate(self, partition: int, k: int) -> tuple[int, int]:
+        """(window, position in the window's order) of the k-th sample of a partition."""
+        at = self.partition_start(partition) + k
+        window = int(np.searchsorted(self.window_starts, at, side="right")) - 1
+        return window, at - int(self.window_starts[window])
 
 
 class CorpusReader(IterableDataset):
-    """Samples of one split in the global order for (seed, epoch), this rank's share, resumable exactly."""
+    """Samples of one split in a global order fixed by (seed, epoch, partitions), this rank's share, resumable.
+
+    Each epoch the shards' seeded permutation is cut into shuffle windows, their samples into `partitions`
+    equal contiguous ranges, and the global order interleaves the partitions round-robin (`EpochPlan`).
+    Rank r of w takes global positions r, r + w, ... of that order, so when w divides P it only ever opens
+    the shards of partitions p = r (mod w): ranks read disjoint whole shards, but for the P - 1 windows at
+    partition boundaries, which two readers share. The order itself does not depend on w, so the
+    state is one global offset: a state saved on 2 ranks resumes on 1 or 3 with nothing repeated or skipped,
+    and a run on 1 process and on 2 sees the same samples (mosaicml-streaming's canonical nodes, kept here
+    because its resumable sampling needs its own MDS shards and ours stay plain webdataset tars).
+    """
 
     def __init__(self, shard_dir: Path, split: str = "train", *, seed: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 1024, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 loop: bool = False, verify: bool = True):
+                 loop: bool = False, verify: bool = True, partitions: int = 48):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        if shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+        if shuffle_buffer < 1 or partitions < 1:
+            raise ValueError(f"shuffle_buffer and partitions must be >= 1, got {shuffle_buffer}, {partitions}")
         self.shard_dir, self.split = Path(shard_dir), split
         self.paths = shard_paths(self.shard_dir, split)
         outputs = {o.path: o for o in shard_manifest(self.shard_dir).outputs}
         self.counts = [outputs[p.name].items["samples"] for p in self.paths]
         self.hashes = [outputs[p.name].sha256 for p in self.paths]
-        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.seed, self.shuffle, self.shuffle_buffer, self.partitions = seed, shuffle, shuffle_buffer, partitions
         self.rank, self.world_size, self.loop, self.verify = rank, world_size, loop, verify
         self.epoch, self.offset = epoch, 0
+        self._plans: dict[int, EpochPlan] = {}
         self._verified: set[int] = set()
 
     @property
     def num_samples(self) -> int:
         """Samples in one epoch of the split (all ranks together)."""
         return sum(self.counts)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The EpochPlan of one epoch (the last two are kept)."""
+        if epoch not in self._plans:
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = EpochPlan(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+                                           buffer=self.shuffle_buffer, partitions=self.partitions)
+        return self._plans[epoch]
 
     def state_dict(self) -> dict:
         """Where the stream stands: epoch, global samples consumed in it, seed; independent of world size."""
@@ -257,6 +312,11 @@ class CorpusReader(IterableDataset):
             raise ConfigError(f"reader state offset {state['offset']} is outside this split's {self.num_samples} samples")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
+    def advance(self, epoch: int, position: int) -> None:
+        """Record that this rank took global `position` of `epoch`: every rank has then taken its sample of
+        that round, so the global offset is the round's end."""
+        self.epoch, self.offset = epoch, min(position - self.rank + self.world_size, self.num_samples)
+
     def _load(self, s: int) -> list[Sample]:
         path = self.paths[s]
         if self.verify and s not in self._verified:
@@ -268,38 +328,60 @@ class CorpusReader(IterableDataset):
             raise ManifestError(f"{path}: {len(samples)} samples, the manifest says {self.counts[s]}")
         return samples
 
-    def _epoch(self, epoch: int, start: int, first: int, stride: int) -> Iterator[Sample]:
-        """Samples at global positions start + first + k * stride of one epoch."""
-        remaining = list(self.counts)
-        cache: dict[int, list[Sample]] = {}
-        order = global_order(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle, buffer=self.shuffle_buffer)
-        for position, (s, j) in enumerate(order):
-            mine = position >= start and (position - start) % stride == first
-            if mine and s not in cache:
-                cache[s] = self._load(s)
-            sample = cache[s][j] if mine else None
-            remaining[s] -= 1
-            if remaining[s] == 0:
-                cache.pop(s, None)  # every sample of this shard has gone by: free it
-            if sample is not None:
-                yield sample
+    def stream(self, owns=None) -> Iterator[tuple[int, int, Sample | None]]:
+        """(epoch, global position, sample) of this rank from the saved state on; the state is not changed.
 
-    def __iter__(self) -> Iterator[Sample]:
-        """One epoch from the saved position (or forever with loop=True); the state advances as samples are taken."""
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        stride = self.world_size * workers
-        first = self.rank + self.world_size * worker
+        `owns(partition) -> bool` picks the partitions whose samples are read (others come as None, so a
+        DataLoader worker can skip its siblings' shards yet still count positions).
+        """
+        if self.loop and self.rank >= self.num_samples:
+            raise ConfigError(f"{self.shard_dir}: the {self.split} split has {self.num_samples} samples, fewer than "
+                              f"the {self.world_size} ranks reading it; use fewer ranks or a larger corpus")
+        epoch, start = self.epoch, self.offset
         while True:
-            start, taken = self.offset, 0
-            for sample in self._epoch(self.epoch, start, first, stride):
-                taken += 1
-                # Every rank takes its k-th sample in the same step, so k * world_size global samples are consumed.
-                self.offset = min(start + taken * self.world_size, self.num_samples)
-                yield sample
-            self.epoch, self.offset = self.epoch + 1, 0
+            if start >= self.num_samples:
+                epoch, start = epoch + 1, 0
+                if not self.loop:
+                    return
+                continue
+            plan = self.plan(epoch)
+            held: dict[int, tuple[list[Sample], np.ndarray]] = {}  # window -> (samples, order)
+            current: dict[int, int] = {}  # partition -> the window it is in
+            for position in range(start + self.rank, self.num_samples, self.world_size):
+                partition, k = plan.place(position)
+                if owns is not None and not owns(partition):
+                    yield epoch, position, None
+                    continue
+                window, at = plan.locate(partition, k)
+                if current.get(partition) != window:
+                    left = current.get(partition)
+                    current[partition] = window
+                    if left is not None and left not in current.values():
+                        del held[left]  # a window at a time per partition: memory is P windows at most
+                    if window not in held:
+                        samples = [x for s in plan.windows[window] for x in self._load(s)]
+                        held[window] = (samples, window_order(plan.sizes[window], seed=self.seed, epoch=epoch,
+                                                              window=window, shuffle=self.shuffle))
+                samples, order = held[window]
+                yield epoch, position, samples[order[at]]
+            epoch, start = epoch + 1, 0
             if not self.loop:
                 return
+
+    def __iter__(self) -> Iterator[Sample]:
+        """One epoch from the saved position (or forever with loop=True); the state advances as samples are taken.
+
+        In DataLoader workers (one sample at a time, `batch_size=None`) worker i of n takes this rank's
+        samples i, i + n, ..., so the DataLoader's round-robin gives the rank's order unchanged;
+        `formats.loader.TrainLoader` splits by partition instead, so its workers read disjoint shards.
+        """
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        for i, (epoch, position, sample) in enumerate(self.stream()):
+            if i % workers == worker:
+                self.advance(epoch, position)
+                yield sample
+        self.epoch, self.offset = self.epoch + 1, 0  # the epoch ran out (loop=False)
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:

@@ -6,6 +6,11 @@ made over words (a word-start token plus its `##` continuations), as in BERT's l
 
 Nothing here depends on batch composition, worker count or process: the random stream of a sample comes
 from a hash of the seed and its key only, so the cache never has to store the masked input.
+
+`mask_batch` is the loader's path: the same masks as `mask_sample`, bit for bit (so caches written by either
+stay valid), with the per-sample work cut to the random draws themselves. Seeding a fresh `PCG64` per sample
+costs more than the draws; `seed_states` computes numpy's own seeding (SeedSequence, then PCG64's
+set-seed) for a whole batch at once and one reused Generator is re-pointed at each state.
 """
 
 from __future__ import annotations
@@ -37,13 +42,71 @@ class MaskedSample:
     """Segment ids of the original sample, passed through unchanged."""
 
 
+def _seed_int(mask_seed: int, key: str, purpose: str) -> int:
+    digest = hashlib.sha256(f"{purpose}\0{int(mask_seed)}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:16], "little")
+
+
 def sample_rng(mask_seed: int, key: str, purpose: str = "mask") -> np.random.Generator:
     """A numpy Generator seeded from a hash of (mask_seed, key, purpose) only.
 
     `purpose` separates independent streams of one sample (masking vs. sampled-logit draws).
     """
-    digest = hashlib.sha256(f"{purpose}\0{int(mask_seed)}\0{key}".encode()).digest()
-    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+    return np.random.Generator(np.random.PCG64(_seed_int(mask_seed, key, purpose)))
+
+
+# numpy's SeedSequence constants (numpy/random/bit_generator.pyx) and PCG64's 128-bit multiplier.
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_L, _MIX_R = 0xCA01F9DD, 0x4973F715
+_PCG_MULT = 0x2360ED051FC65DA44385DF649FCCF645
+_M128 = (1 << 128) - 1
+
+
+def seed_states(seeds: "list[int] | np.ndarray") -> list[dict]:
+    """PCG64 state dicts equal to `np.random.PCG64(seed).state` for 128-bit `seeds`, computed for all at once.
+
+    numpy's seeding, vectorised over the batch: SeedSequence mixes the seed's four 32-bit words into a pool
+    (hashmix/mix on uint32), draws four 64-bit words from it, and PCG64 steps once around adding the state
+    word. tests/unit/test_masking_batch.py checks it against numpy on thousands of seeds. `seeds` may also be
+    an [n, 4] array of the seeds' little-endian 32-bit words.
+    """
+    if isinstance(seeds, np.ndarray):
+        n, words = len(seeds), seeds.astype(np.uint64)
+    else:
+        n = len(seeds)
+        words = np.array([[(s >> (32 * i)) & 0xFFFFFFFF for i in range(4)] for s in seeds], dtype=np.uint64).reshape(n, 4)
+    mask32 = np.uint64(0xFFFFFFFF)
+    hash_const = [_INIT_A]
+
+    def hashmix(value: np.ndarray) -> np.ndarray:
+        value = (value ^ np.uint64(hash_const[0])) & mask32
+        hash_const[0] = (hash_const[0] * _MULT_A) & 0xFFFFFFFF
+        value = (value * np.uint64(hash_const[0])) & mask32
+        return value ^ (value >> np.uint64(16))
+
+    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        result = ((np.uint64(_MIX_L) * x) - (np.uint64(_MIX_R) * y)) & mask32
+        return result ^ (result >> np.uint64(16))
+
+    pool = [hashmix(words[:, i]) for i in range(4)]
+    for src in range(4):
+        for dst in range(4):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    out, const = [], _INIT_B
+    for i in range(8):
+        value = (pool[i % 4] ^ np.uint64(const)) & mask32
+        const = (const * _MULT_B) & 0xFFFFFFFF
+        value = (value * np.uint64(const)) & mask32
+        out.append(value ^ (value >> np.uint64(16)))
+    state = np.stack(out, axis=1).astype(np.uint32).view(np.uint64)  # [n, 4]: little-endian pairs of words
+    states = []
+    for high_s, low_s, high_i, low_i in state.tolist():
+        inc = ((((high_i << 64) | low_i) << 1) | 1) & _M128
+        # pcg_setseq_128_srandom_r: state 0, one step (state = inc), add the seed word, one more step.
+        value = (((inc + ((high_s << 64) | low_s)) & _M128) * _PCG_MULT + inc) & _M128
+        states.append({"bit_generator": "PCG64", "state": {"state": value, "inc": inc}, "has_uint32": 0, "uinteger": 0})
+    return states
 
 
 def word_start_table(tokenizer: Any) -> np.ndarray:
@@ -80,7 +143,12 @@ def _word_groups(maskable: np.ndarray, ids: np.ndarray, word_start: np.ndarray |
 def choose_positions(ids: np.ndarray, rng: np.random.Generator, *, rate: float, special_ids: np.ndarray,
                      word_start: np.ndarray | None = None) -> np.ndarray:
     """Sorted int64 positions to mask: about `rate` of the non-special positions, at least one when any exists."""
-    maskable = np.flatnonzero(~np.isin(ids, special_ids))
+    return _choose(np.flatnonzero(~np.isin(ids, special_ids)), ids, rng, rate, word_start)
+
+
+def _choose(maskable: np.ndarray, ids: np.ndarray, rng: np.random.Generator, rate: float,
+            word_start: np.ndarray | None) -> np.ndarray:
+    """`choose_positions` given the maskable positions: the draws, in the order every cache was written with."""
     if maskable.size == 0:
         return np.zeros(0, dtype=np.int64)
     target = max(1, int(round(rate * maskable.size)))
@@ -148,6 +216,79 @@ class MaskSpec:
                    special_ids=tuple(int(i) for i in data["special_ids"]))
 
 
+@dataclass(frozen=True)
+class MaskedBatch:
+    """A batch of masked samples as flat arrays (the samples one after another), ready to collate."""
+
+    keys: list[str]
+    input_ids: np.ndarray
+    """Masked ids of all samples, concatenated (int32)."""
+    token_type_ids: np.ndarray
+    """Segment ids of all samples, concatenated (uint8; zeros where a sample has none)."""
+    lengths: np.ndarray
+    """int64 length of each sample."""
+    positions: np.ndarray
+    """int64 masked positions within their sample, sample after sample, each ascending."""
+    n_masked: np.ndarray
+    """int64 masked positions per sample."""
+    labels: np.ndarray
+    """Original ids at `positions` (int64)."""
+
+    def sample(self, i: int) -> MaskedSample:
+        """Sample `i` as `mask_sample` would return it."""
+        start = int(self.lengths[:i].sum())
+        lo = int(self.n_masked[:i].sum())
+        hi = lo + int(self.n_masked[i])
+        end = start + int(self.lengths[i])
+        return MaskedSample(key=self.keys[i], input_ids=self.input_ids[start:end].copy(),
+                            positions=self.positions[lo:hi].copy(), labels=self.labels[lo:hi].copy(),
+                            token_type_ids=self.token_type_ids[start:end].copy())
+
+
+def mask_batch(samples: list, *, mask_seed: int, rate: float, mask_id: int, vocab_size: int,
+               special_ids: np.ndarray, word_start: np.ndarray | None = None) -> MaskedBatch:
+    """`mask_sample` over a batch, identical masks; the per-sample cost is the draws alone."""
+    if not 0 < rate < 1:
+        raise ValueError(f"mask rate must be in (0, 1), got {rate}")
+    lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
+    ids = np.concatenate([np.asarray(s.input_ids) for s in samples]).astype(np.int32, copy=False)
+    types = [getattr(s, "token_type_ids", None) for s in samples]
+    token_types = np.concatenate([np.zeros(n, np.uint8) if t is None else np.asarray(t, np.uint8)
+                                  for t, n in zip(types, lengths)])
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    maskable = np.flatnonzero(~np.isin(ids, special_ids))
+    cuts = np.searchsorted(maskable, starts)
+    rng = np.random.Generator(np.random.PCG64(0))
+    digests = b"".join(hashlib.sha256(f"mask\0{int(mask_seed)}\0{s.key}".encode()).digest()[:16] for s in samples)
+    states = seed_states(np.frombuffer(digests, dtype="<u4").reshape(len(samples), 4))  # = _seed_int's words
+    positions, rolls, randoms = [], [], []
+    local_maskable = maskable - np.repeat(starts[:-1], np.diff(cuts))  # positions within their sample
+    bit_generator, empty = rng.bit_generator, np.zeros(0, np.int64)
+    for i, state in enumerate(states):
+        bit_generator.state = state
+        lo, hi = int(cuts[i]), int(cuts[i + 1])
+        if word_start is not None:
+            chosen = _choose(local_maskable[lo:hi], ids[starts[i]:starts[i + 1]], rng, rate, word_start)
+        elif hi > lo:  # `_choose` inlined: the same draws, without a call per sample
+            chosen = np.sort(local_maskable[lo + rng.permutation(hi - lo)[:max(1, int(round(rate * (hi - lo))))]])
+        else:
+            chosen = empty
+        positions.append(chosen)
+        rolls.append(rng.random(chosen.size))
+        randoms.append(rng.integers(0, vocab_size, chosen.size))
+    n_masked = np.fromiter((p.size for p in positions), dtype=np.int64, count=len(positions))
+    local = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    flat = local + np.repeat(starts[:-1], n_masked)
+    roll, random_ids = np.concatenate(rolls), np.concatenate(randoms)
+    labels = ids[flat].astype(np.int64)
+    masked = ids.copy()
+    masked[flat[roll < REPLACE_MASK]] = mask_id
+    swap = (roll >= REPLACE_MASK) & (roll < REPLACE_MASK + REPLACE_RANDOM)
+    masked[flat[swap]] = random_ids[swap]
+    return MaskedBatch(keys=[s.key for s in samples], input_ids=masked, token_type_ids=token_types, lengths=lengths,
+                       positions=local.astype(np.int64), n_masked=n_masked, labels=labels)
+
+
 class Masker:
     """`mask_sample` bound to one MaskSpec (and the tokenizer's word-start table when whole-word)."""
 
@@ -163,6 +304,11 @@ class Masker:
     def __call__(self, sample: Any) -> MaskedSample:
         return mask_sample(sample, mask_seed=self.spec.mask_seed, rate=self.spec.rate, mask_id=self.spec.mask_id,
                            vocab_size=self.spec.vocab_size, special_ids=self.special_ids, word_start=self.word_start)
+
+    def batch(self, samples: list) -> MaskedBatch:
+        """`mask_batch` with this spec: the same masks as calling the masker on each sample."""
+        return mask_batch(samples, mask_seed=self.spec.mask_seed, rate=self.spec.rate, mask_id=self.spec.mask_id,
+                          vocab_size=self.spec.vocab_size, special_ids=self.special_ids, word_start=self.word_start)
 
 
 def mask_spec_from_corpus(corpus_extra: dict, tokenizer: Any, *, mask_seed: int, rate: float,

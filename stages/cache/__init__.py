@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from formats import cache as fmt
@@ -75,19 +76,33 @@ def run(config: Config, ctx) -> Manifest | None:
     jobs = _jobs(corpus_dir, config)
     mine = jobs[ctx.world.worker::ctx.world.num_workers]
     written = 0
-    for split, shard, rel in log.progress(mine, desc=f"cache {config.cache_id}"):
-        target = ctx.stage_dir / rel
-        if target.is_file():
-            continue  # complete: shards only ever appear under their final name
-        samples = list(corpus.read_shard(shard))
-        records, stats = shard_records(samples, masker, model, config, device=device,
-                                       pad_id=int(extra["pad_id"]), vocab_size=int(model.config.vocab_size))
-        fmt.write_cache_shard(target, records, vocab_size=int(model.config.vocab_size),
-                              max_seq_len=int(extra["max_seq_len"]) + 1, level=config.compression_level, stats=stats)
+
+    def finish(pending) -> None:
+        nonlocal written
+        pending.result()  # re-raises a failed write here, in the stage
         written += 1
         ctx.tracker.log_metrics({"cache/shards_written": written}, written)
         if config.die_after_shards is not None and written >= config.die_after_shards:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    # Encoding, zstd and the atomic write of shard n run on a writer thread while shard n+1 is read, masked
+    # and put through the teacher (zstd and file writes release the GIL); at most one shard waits.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as writer:
+        pending = None
+        for split, shard, rel in log.progress(mine, desc=f"cache {config.cache_id}"):
+            target = ctx.stage_dir / rel
+            if target.is_file():
+                continue  # complete: shards only ever appear under their final name
+            samples = list(corpus.read_shard(shard))
+            records, stats = shard_records(samples, masker, model, config, device=device,
+                                           pad_id=int(extra["pad_id"]), vocab_size=int(model.config.vocab_size))
+            if pending is not None:
+                finish(pending)
+            pending = writer.submit(fmt.write_cache_shard, target, records, vocab_size=int(model.config.vocab_size),
+                                    max_seq_len=int(extra["max_seq_len"]) + 1, level=config.compression_level,
+                                    stats=stats)
+        if pending is not None:
+            finish(pending)
     if not all((ctx.stage_dir / rel).is_file() for _, _, rel in jobs):
         return None
     return _manifest(config, ctx, jobs, _provenance(config, ctx, teacher_dir, model), spec.to_dict())

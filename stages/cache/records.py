@@ -25,49 +25,72 @@ def _length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
     return batches + ([np.array(current)] if current else [])
 
 
-def _pad(arrays: list[np.ndarray], value: int, device) -> torch.Tensor:
-    longest = max(a.size for a in arrays)
-    out = np.full((len(arrays), longest), value, dtype=np.int64)
-    for row, a in enumerate(arrays):
-        out[row, :a.size] = a
-    return torch.from_numpy(out).to(device)
-
-
 @torch.inference_mode()
 def shard_records(samples: list, masker: Any, model: Any, config: Config, *, device, pad_id: int,
                   vocab_size: int) -> tuple[list, dict]:
-    """Cache records (in corpus order) and integer stats for one corpus shard's samples."""
-    masked = [masker(s) for s in samples]
+    """Cache records (in corpus order) and integer stats for one corpus shard's samples.
+
+    The teacher's next batch is launched before the CPU work on the last one (top-k, tail, sampled draws
+    and the copy to host) runs on a helper thread, so the two overlap; the bytes are the same either way.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    masked = masker.batch(samples)  # one vectorised pass; the same masks as masking each sample
+    starts = np.concatenate([[0], np.cumsum(masked.lengths)])
+    mstarts = np.concatenate([[0], np.cumsum(masked.n_masked)])
     found: dict[int, dict] = {}
-    for batch in _length_batches(np.array([m.input_ids.size for m in masked]), config.batch_tokens):
-        group = [masked[i] for i in batch]
-        ids = _pad([m.input_ids for m in group], pad_id, device)
-        types = _pad([m.token_type_ids if m.token_type_ids is not None else np.zeros(m.input_ids.size, np.int64)
-                      for m in group], 0, device)
-        rows = torch.from_numpy(np.concatenate([np.full(m.positions.size, r) for r, m in enumerate(group)])).to(device)
-        cols = torch.from_numpy(np.concatenate([m.positions for m in group])).to(device)
-        batch_inputs = {"input_ids": ids, "attention_mask": _attention(group, ids), "token_type_ids": types}
-        logits, cls = teachers.masked_lm_logits(model, batch_inputs,
-                                       rows, cols, cls_hidden=config.cls_hidden)
-        uniforms = None
-        if config.sampled:
-            uniforms = np.concatenate([sample_rng(masker.spec.mask_seed, m.key, "sampled").random((m.positions.size, config.sampled))
-                                       for m in group])
-        targets = teachers.teacher_targets(logits[:, :vocab_size], config.k, uniforms)
-        bounds = np.concatenate([[0], np.cumsum([m.positions.size for m in group])])
-        for r, i in enumerate(batch):
-            part = {name: value[bounds[r]:bounds[r + 1]] for name, value in targets.items()}
-            if cls is not None:
-                part["cls_hidden"] = cls[r].float().cpu().numpy().astype(np.float16)
-            found[int(i)] = part
-    records = [CacheRecord(key=m.key, positions=m.positions, **found[i]) for i, m in enumerate(masked)]
-    stats = {"samples": len(records), "tokens": int(sum(s.input_ids.size for s in samples)),
-             "masked": int(sum(m.positions.size for m in masked)),
-             "top1_correct": int(sum((r.topk_ids[:, 0] == m.labels).sum() for r, m in zip(records, masked)))}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-targets") as pool:
+        pending = None
+        for batch in _length_batches(masked.lengths, config.batch_tokens):
+            logits, cls, group = _forward(masked, starts, mstarts, batch, model, config, device, pad_id)
+            if pending is not None:
+                found.update(pending.result())
+            pending = pool.submit(_targets, logits, cls, group, masked, mstarts, masker, config, vocab_size)
+        if pending is not None:
+            found.update(pending.result())
+    records = [CacheRecord(key=key, positions=masked.positions[mstarts[i]:mstarts[i + 1]], **found[i])
+               for i, key in enumerate(masked.keys)]
+    stats = {"samples": len(records), "tokens": int(masked.lengths.sum()), "masked": int(masked.n_masked.sum()),
+             "top1_correct": int(sum((r.topk_ids[:, 0] == masked.labels[mstarts[i]:mstarts[i + 1]]).sum()
+                                     for i, r in enumerate(records)))}
     return records, stats
 
 
-def _attention(group: list, ids: torch.Tensor) -> torch.Tensor:
-    """1 on each sample's real tokens, 0 on padding (by length, since a masked input may hold pad ids)."""
-    lengths = torch.tensor([m.input_ids.size for m in group], device=ids.device)
-    return (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()
+def _forward(masked, starts, mstarts, batch: np.ndarray, model, config: Config, device, pad_id: int):
+    """Teacher logits at the masked positions of one length-grouped batch (rows and cols built vectorised)."""
+    lengths, counts = masked.lengths[batch], masked.n_masked[batch]
+    inner = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    source = np.repeat(starts[batch], lengths) + inner
+    rows = np.repeat(np.arange(len(batch)), lengths)
+    ids = np.full((len(batch), int(lengths.max())), pad_id, dtype=np.int64)
+    types = np.zeros_like(ids)
+    ids[rows, inner] = masked.input_ids[source]
+    types[rows, inner] = masked.token_type_ids[source]
+    minner = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    cols = masked.positions[np.repeat(mstarts[batch], counts) + minner]
+    ids_t = torch.from_numpy(ids).to(device)
+    lengths_t = torch.from_numpy(lengths).to(device)
+    attention = (torch.arange(ids_t.shape[1], device=device)[None, :] < lengths_t[:, None]).long()
+    inputs = {"input_ids": ids_t, "attention_mask": attention, "token_type_ids": torch.from_numpy(types).to(device)}
+    logits, cls = teachers.masked_lm_logits(model, inputs, torch.from_numpy(np.repeat(np.arange(len(batch)), counts)).to(device),
+                                            torch.from_numpy(cols).to(device), cls_hidden=config.cls_hidden)
+    return logits, cls, batch
+
+
+@torch.inference_mode()
+def _targets(logits, cls, group: np.ndarray, masked, mstarts, masker, config: Config, vocab_size: int) -> dict[int, dict]:
+    """What the cache keeps for each sample of one batch (runs on the helper thread)."""
+    uniforms = None
+    if config.sampled:
+        uniforms = np.concatenate([sample_rng(masker.spec.mask_seed, masked.keys[i], "sampled")
+                                   .random((int(masked.n_masked[i]), config.sampled)) for i in group])
+    targets = teachers.teacher_targets(logits[:, :vocab_size], config.k, uniforms)
+    cls_np = cls.float().cpu().numpy().astype(np.float16) if cls is not None else None
+    bounds = np.concatenate([[0], np.cumsum(masked.n_masked[group])])
+    out = {}
+    for r, i in enumerate(group):
+        part = {name: value[bounds[r]:bounds[r + 1]] for name, value in targets.items()}
+        if cls_np is not None:
+            part["cls_hidden"] = cls_np[r]
+        out[int(i)] = part
+    return out

@@ -87,7 +87,16 @@ class Config(TrainConfig):
     max_steps: int = 1000
     """Optimizer steps."""
     shuffle_buffer: int = 1024
-    """Samples in the reader's shuffle buffer."""
+    """Samples a shuffle window holds at least (consecutive shards of a seeded permutation, mixed together)."""
+    reader_partitions: int = 48
+    """Partitions the shuffle windows are dealt to: fixes the sample order; rank counts that divide it (with
+    their loader workers) read disjoint shards. A rank holds one window per partition it reads."""
+    loader_workers: int = field(default=2, metadata={"hash": False})
+    """DataLoader worker processes per rank (0: in the training process); the batches do not depend on it."""
+    prefetch_factor: int = field(default=2, metadata={"hash": False})
+    """Batches each loader worker prepares ahead."""
+    pin_memory: bool | None = field(default=None, metadata={"hash": False})
+    """Pin batches in page-locked memory for fast copies to the GPU; None: when CUDA is available."""
     eval_every: int = 200
     """Optimizer steps between evaluations on the valid split (0: only at the end)."""
     eval_batches: int = 20
@@ -110,6 +119,8 @@ class Config(TrainConfig):
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if not 0 < self.mask_rate < 1:
             raise ValueError(f"mask_rate must be in (0, 1), got {self.mask_rate}")
+        if self.shuffle_buffer < 1 or self.reader_partitions < 1 or self.loader_workers < 0 or self.prefetch_factor < 1:
+            raise ValueError("shuffle_buffer, reader_partitions and prefetch_factor must be >= 1, loader_workers >= 0")
 
     def settings_for(self, world) -> EngineSettings:
         """What the engine needs on this process; a batch that does not split over the ranks is a ConfigError."""

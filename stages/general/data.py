@@ -98,47 +98,57 @@ def make_batch(pairs: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class TrainStream:
-    """This rank's micro-batches, forever, from the cache (joined by key) or the corpus masked on the fly."""
+    """This rank's micro-batches, forever: a `formats.loader.TrainLoader` over its own shards, joined with the
+    cache (by key, in the loader workers) or masked on the fly; CPU tensors, pinned when asked."""
 
     def __init__(self, config: Config, ctx, setup: Setup, micro: int, split: str = "train", *, shuffle: bool = True):
-        self.micro, self.pad_id = micro, int(setup.corpus_extra["pad_id"])
-        kwargs = dict(seed=ctx.seed, shuffle=shuffle, shuffle_buffer=config.shuffle_buffer, rank=ctx.world.rank,
-                      world_size=ctx.world.world_size, loop=True)
-        self.cached = setup.cache_dir is not None and (split == "train" or setup.cache_has_valid)
-        if self.cached:
-            from formats.cache import CachedCorpus
+        from formats.loader import TrainLoader
 
-            self.source = CachedCorpus(setup.corpus_dir, setup.cache_dir, split,
-                                       tokenizer_sha256=setup.corpus_extra.get("tokenizer_sha256"), **kwargs)
-        else:
-            self.source = corpus.CorpusReader(setup.corpus_dir, split, **kwargs)
-            self.masker = Masker(setup.mask, setup.tokenizer)
-        self._iter = None
+        self.micro, self.pad_id = micro, int(setup.corpus_extra["pad_id"])
+        reader = corpus.CorpusReader(setup.corpus_dir, split, seed=ctx.seed, shuffle=shuffle,
+                                     shuffle_buffer=config.shuffle_buffer, rank=ctx.world.rank,
+                                     world_size=ctx.world.world_size, loop=True, partitions=config.reader_partitions)
+        self.cached = setup.cache_dir is not None and (split == "train" or setup.cache_has_valid)
+        factory = None
+        if self.cached:
+            factory = _CacheFactory(setup.cache_dir, split, config.shuffle_buffer)
+        pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
+        self.loader = TrainLoader(reader, Masker(setup.mask, setup.tokenizer), micro, self.pad_id,
+                                  cache_factory=factory, num_workers=config.loader_workers,
+                                  prefetch_factor=config.prefetch_factor, pin_memory=pin)
+        self.reader = reader
 
     @property
     def num_samples(self) -> int:
         """Samples in one epoch of the split."""
-        reader = self.source.reader if self.cached else self.source
-        return reader.num_samples
+        return self.reader.num_samples
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The next micro-batch of this rank."""
-        if self._iter is None:
-            self._iter = iter(self.source)
-        pairs = []
-        for _ in range(self.micro):
-            item = next(self._iter)
-            pairs.append(item if self.cached else (self.masker(item), None))
-        return make_batch(pairs, self.pad_id)
+        return next(self.loader)
 
     def state_dict(self) -> dict:
-        """The reader's world-size-independent position."""
-        return self.source.state_dict()
+        """The reader's world-size-independent position (the same on every rank)."""
+        return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (before the first batch is drawn)."""
-        self.source.load_state_dict(state)
-        self._iter = None
+        self.loader.load_state_dict(state)
+
+
+class _CacheFactory:
+    """Builds the cache lookup inside each loader worker (a plain object, so workers can receive it)."""
+
+    def __init__(self, cache_dir: Path, split: str, shuffle_buffer: int):
+        self.cache_dir, self.split, self.shuffle_buffer = cache_dir, split, shuffle_buffer
+
+    def __call__(self, windows: int):
+        from formats.cache import CacheLookup, decoded_capacity
+        from pipeline.manifest import Manifest
+
+        manifest = Manifest.load(self.cache_dir)
+        return CacheLookup(self.cache_dir, manifest, self.split,
+                           capacity=decoded_capacity(manifest, self.split, self.shuffle_buffer, windows))
 
 
 @torch.no_grad()

@@ -1,9 +1,12 @@
 """Stage `shard`: raw text to tokenized, packed webdataset shards, split deterministically across workers.
 
-Work split: every worker streams the same cleaned, deduplicated documents (cheap next to tokenizing) and
-cuts each split into blocks of `docs_per_shard` documents; block k becomes shard k, written only by worker
-k % num_workers. A shard is a function of its block alone, so the output is byte-identical for any worker
-count and any number of interruptions. Packing happens within a block: the last sequence of a shard may be
+Work split (see scan.py): the input is cut into pieces (files, byte ranges of plain text, parquet row
+groups) that do not depend on the worker count; worker w scans pieces w, w + n, ... once (clean, hash, keep
+the texts under `.scan/`), worker 0 dedups over the digests a bucket at a time, and every worker then cuts
+each split's surviving documents, in input order, into blocks of `docs_per_shard`; block k becomes shard k,
+written by the worker that scanned the piece where the block starts. A shard is a function of its block
+alone, so the output is byte-identical for any worker count and any number of interruptions. Workers wait
+for each other's scans (files under `.scan/`), so all of them must run at once. Packing happens within a block: the last sequence of a shard may be
 shorter than `max_seq_len` (that is the documented boundary; no token is dropped), and shards hold a fixed
 number of documents, so their sample counts differ slightly (each is recorded in the manifest).
 """
@@ -25,7 +28,8 @@ from pipeline.assets import resolve_asset
 from pipeline.config import ConfigError
 from pipeline.manifest import ManifestError, OutputFile, atomic_write_text, sha256_file
 from stages.shard.packing import pack_pairs, pack_plain
-from stages.shard.sources import CleaningStats, documents, expand_inputs
+from stages.shard import scan
+from stages.shard.sources import CleaningStats, documents, expand_inputs, plan_pieces
 from stages.shard.tokenizer import train_sentencepiece
 
 LAUNCH = "array"
@@ -149,48 +153,55 @@ def _write_block(config: Config, ctx, backend, ids: dict, split: str, index: int
     return record
 
 
+def _owner(lay_counts: np.ndarray, first_rank: int, workers: int) -> int:
+    """The worker that writes the block starting at surviving-document rank `first_rank`: the one that scanned
+    the piece holding it, so each worker mostly reads the scan files of its own pieces."""
+    return int(np.searchsorted(np.cumsum(lay_counts), first_rank, side="right")) % workers
+
+
 def run(config: Config, ctx):
-    """Write this worker's shards; return the manifest if every shard of the stage is now complete."""
+    """Scan this worker's pieces, wait for the others, write this worker's shards; the manifest when all are done."""
     files = _input_files(config, ctx)
     tokenizer = prepare_tokenizer(config, ctx, files)
     ids = special_ids(tokenizer)
     backend = _backend(tokenizer)
     world = ctx.world
-    blocks = {split: [] for split in SPLITS}
-    counts = {split: 0 for split in SPLITS}  # blocks seen per split
-    docs_per_split = {split: 0 for split in SPLITS}
-    stats = CleaningStats()
-    started, written, tokens_written, bytes_written = time.monotonic(), 0, 0, 0
-
-    def flush(split: str) -> None:
-        nonlocal written, tokens_written, bytes_written
-        index = counts[split]
-        counts[split] += 1
-        texts, blocks[split] = blocks[split], []
-        name = _shard_name(split, index)
-        if index % world.num_workers != world.worker or _done_record(ctx.stage_dir, name) is not None:
-            return
-        hook = None if config.kill_after_bytes is None else max(1, config.kill_after_bytes - bytes_written)
-        record = _write_block(config, ctx, backend, ids, split, index, texts, hook)
-        written += 1
-        bytes_written += record["bytes"]
-        tokens_written += record["tokens"]
-        rate = tokens_written / max(time.monotonic() - started, 1e-9)
-        log.info(f"{name}: {record['samples']} samples, {record['tokens']} tokens ({rate:,.0f} tokens/s)")
-        ctx.tracker.log_metrics({"shard_tokens_per_s": rate, "shard_tokens": tokens_written}, step=written)
-
-    for doc in log.progress(_documents(config, files, stats), desc="shard", unit="doc"):
-        blocks[doc.split].append(doc.text)
-        docs_per_split[doc.split] += 1
-        if len(blocks[doc.split]) == config.docs_per_shard:
-            flush(doc.split)
-    for split in SPLITS:
-        if blocks[split]:
-            flush(split)
+    pieces = plan_pieces(files, config.piece_bytes, separator=config.doc_separator)
+    for piece in pieces[world.worker::world.num_workers]:
+        if not scan.scanned(ctx.stage_dir, piece):
+            scan.scan_piece(ctx.stage_dir, piece, text_field=config.text_field, separator=config.doc_separator,
+                            normalize=config.normalize, max_doc_chars=config.max_doc_chars,
+                            valid_fraction=config.valid_fraction, buckets=config.dedup_buckets,
+                            worker=world.worker)
+    scan.wait_for(list(scan.pieces_of(ctx.stage_dir, len(pieces))), config.wait_timeout_s, "shard scan")
+    dedup_file = ctx.stage_dir / scan.SCAN_DIR / "dedup.npz"
+    if world.is_main and not dedup_file.exists():
+        scan.dedup(ctx.stage_dir, len(pieces), buckets=config.dedup_buckets, enabled=config.dedup)
+    scan.wait_for([dedup_file], config.wait_timeout_s, "shard dedup")
+    lay = scan.layout(ctx.stage_dir, len(pieces), config.max_docs)
+    counts = {split: lay.counts(split) for split in SPLITS}
+    docs_per_split = {split: int(counts[split].sum()) for split in SPLITS}
     if docs_per_split["train"] == 0:
-        raise ConfigError(f"inputs: {config.inputs}: no training documents after cleaning ({stats.as_dict()})")
+        raise ConfigError(f"inputs: {config.inputs}: no training documents after cleaning ({lay.stats})")
+    blocks = {split: -(-docs_per_split[split] // config.docs_per_shard) for split in SPLITS}
+    started, written, tokens_written, bytes_written = time.monotonic(), 0, 0, 0
+    for split in SPLITS:
+        for index in range(blocks[split]):
+            lo = index * config.docs_per_shard
+            name = _shard_name(split, index)
+            if _owner(counts[split], lo, world.num_workers) != world.worker or _done_record(ctx.stage_dir, name):
+                continue
+            texts = scan.texts(ctx.stage_dir, lay, split, lo, min(lo + config.docs_per_shard, docs_per_split[split]))
+            hook = None if config.kill_after_bytes is None else max(1, config.kill_after_bytes - bytes_written)
+            record = _write_block(config, ctx, backend, ids, split, index, texts, hook)
+            written += 1
+            bytes_written += record["bytes"]
+            tokens_written += record["tokens"]
+            rate = tokens_written / max(time.monotonic() - started, 1e-9)
+            log.info(f"{name}: {record['samples']} samples, {record['tokens']} tokens ({rate:,.0f} tokens/s)")
+            ctx.tracker.log_metrics({"shard_tokens_per_s": rate, "shard_tokens": tokens_written}, step=written)
     log.info(f"worker {world.worker}: wrote {written} shards, {tokens_written:,} tokens")
-    return _manifest_if_complete(config, ctx, tokenizer, ids, counts, stats, docs_per_split)
+    return _manifest_if_complete(config, ctx, tokenizer, ids, blocks, lay.stats, docs_per_split)
 
 
 def _manifest_if_complete(config, ctx, tokenizer, ids, counts, stats, docs_per_split):
@@ -216,7 +227,7 @@ def _manifest_if_complete(config, ctx, tokenizer, ids, counts, stats, docs_per_s
                          "doc_tokens": sum(records[n]["doc_tokens"] for n in names)}
     extra = {"tokenizer_sha256": tokenizer_sha256(tok_dir), "tokenizer_dir": TOKENIZER_DIR,
              "vocab_size": len(tokenizer), "max_seq_len": config.max_seq_len, **ids, "splits": splits}
-    metrics = {**stats.as_dict(), **{f"{s}_{k}": v for s in SPLITS for k, v in splits[s].items() if k != "shards"}}
+    metrics = {**stats, **{f"{s}_{k}": v for s in SPLITS for k, v in splits[s].items() if k != "shards"}}
     return ctx.manifest(config, outputs, metrics=metrics, extra=extra)
 
 

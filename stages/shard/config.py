@@ -42,8 +42,12 @@ class Config:
     """Documents longer than this (characters, after cleaning) are dropped as junk."""
     tokenize_batch: int = field(default=1024, metadata={"hash": False})
     """Documents per tokenizer call."""
+    piece_bytes: int = field(default=64 << 20, metadata={"hash": False})
+    """Bytes of plain text (or parquet row groups) per input piece, the unit of reading handed to a worker."""
+    dedup_buckets: int = field(default=256, metadata={"hash": False})
+    """Digest buckets the dedup pass holds one at a time (memory ~24 B x documents / buckets)."""
     wait_timeout_s: float = field(default=600.0, metadata={"hash": False})
-    """How long a worker waits while another one saves or trains the tokenizer."""
+    """How long a worker waits for the others: worker 0's tokenizer and dedup, every worker's scans."""
     kill_after_bytes: int | None = field(default=None, metadata={"hash": False})
     """Test hook: SIGKILL this process once it has written this many shard bytes (mid-shard)."""
 
@@ -60,5 +64,7 @@ class Config:
             raise ValueError(f"docs_per_shard must be >= 1, got {self.docs_per_shard}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.piece_bytes < 1 or not 1 <= self.dedup_buckets <= 65536:
+            raise ValueError("piece_bytes must be >= 1 and dedup_buckets in [1, 65536]")
         if self.max_doc_chars < 1 or self.tokenize_batch < 1:
             raise ValueError("max_doc_chars and tokenize_batch must be >= 1")

@@ -209,3 +209,97 @@ def documents(files: list[Path], *, text_field: str = "text", separator: str | N
                     continue
                 seen.add(digest)
             yield Document(text, split_of(digest, valid_fraction))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A unit of input one worker reads: a whole file, a byte range of a plain-text file, or parquet row groups.
+
+    Pieces depend on the input files and `piece_bytes` only, never on the worker count.
+    """
+
+    index: int
+    path: Path
+    start: int = 0
+    """First byte (text range) or row group (parquet)."""
+    end: int | None = None
+    """One past the last byte or row group; None: to the end (a whole file)."""
+
+
+def plan_pieces(files: list[Path], piece_bytes: int, *, separator: str | None) -> list[Piece]:
+    """Cut the inputs into pieces: uncompressed one-document-a-line text by byte range, parquet by row groups.
+
+    Compressed files, JSONL, `datasets` folders and text with a document separator stay whole (a range cannot
+    start mid-stream or mid-document).
+    """
+    pieces: list[Piece] = []
+    for path in files:
+        kind, suffixes = _kind(path), [s for s in path.suffixes]
+        size = path.stat().st_size if path.is_file() else 0
+        compressed = bool(suffixes) and suffixes[-1] in (".gz", ".zst")
+        if kind == "text" and not compressed and separator is None and size > piece_bytes:
+            for start in range(0, size, piece_bytes):
+                pieces.append(Piece(len(pieces), path, start, min(start + piece_bytes, size)))
+        elif path.is_file() and path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(path).metadata
+            per_piece, groups, acc, first = [], meta.num_row_groups, 0, 0
+            for g in range(groups):
+                acc += meta.row_group(g).total_byte_size
+                if acc >= piece_bytes or g == groups - 1:
+                    per_piece.append((first, g + 1))
+                    first, acc = g + 1, 0
+            pieces += [Piece(len(pieces) + i, path, a, b) for i, (a, b) in enumerate(per_piece or [(0, 0)])]
+        else:
+            pieces.append(Piece(len(pieces), path))
+    return pieces
+
+
+def _range_lines(path: Path, start: int, end: int) -> Iterator[str]:
+    """Lines starting in [start, end) of a file, decoded as `open(path, encoding="utf-8", errors="replace")`
+    would (universal newlines: \\n, \\r\\n and \\r all end a line), so ranges give the same documents as the file."""
+    with open(path, "rb") as handle:
+        handle.seek(max(start - 1, 0))
+        if start > 0:
+            handle.readline()  # the rest of the line that started before this range (or the "\n" just before it)
+        while handle.tell() < end:
+            raw = handle.readline()
+            if not raw:
+                return
+            text = raw.decode("utf-8", errors="replace")
+            if "\r" not in text:
+                yield text
+                continue
+            parts = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+            yield from [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+def _parquet_rows(path: Path, text_field: str, first: int, last: int) -> Iterator[str]:
+    """Texts of row groups [first, last) of a parquet file, streamed in batches (no Arrow cache copy)."""
+    import pyarrow.parquet as pq
+
+    try:
+        handle = pq.ParquetFile(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises many types; the user needs one line
+        raise ConfigError(f"inputs: {path}: not readable as parquet ({type(err).__name__}: {err})") from None
+    if text_field not in handle.schema_arrow.names:
+        raise ConfigError(f"inputs: {path}: no column {text_field!r} (has {handle.schema_arrow.names}); set text_field")
+    if last > first:
+        for batch in handle.iter_batches(row_groups=list(range(first, last)), columns=[text_field], batch_size=4096):
+            for value in batch.column(0).to_pylist():
+                yield value or ""
+
+
+def read_piece(piece: Piece, *, text_field: str, separator: str | None) -> Iterator[str]:
+    """Raw documents of one piece, in file order; all pieces of a file in order give `read_raw`'s documents."""
+    if piece.end is None:
+        yield from read_raw(piece.path, text_field=text_field, separator=separator)
+    elif piece.path.suffix == ".parquet":
+        yield from _parquet_rows(piece.path, text_field, piece.start, piece.end)
+    else:
+        try:
+            for line in _range_lines(piece.path, piece.start, piece.end):
+                yield line.rstrip("\n")
+        except OSError as err:
+            raise ConfigError(f"inputs: {piece.path}: unreadable ({err})") from None

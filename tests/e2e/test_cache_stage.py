@@ -184,3 +184,22 @@ def test_cached_corpus_shuffles_and_resumes(setup):
     resumed.load_state_dict(state)
     assert [m.key for m, _ in itertools.islice(iter(resumed), 5)] == rest
     assert all(m.key == r.key for m, r in head)
+
+
+def test_loader_joins_the_cache_in_workers_as_the_per_sample_path_does(setup):
+    """TrainLoader (batch masking, cache join and collation in 2 DataLoader workers) gives the tensors that
+    CachedCorpus + make_batch give for the same samples."""
+    from formats.corpus import CorpusReader
+    from formats.loader import TrainLoader
+    from stages.general.data import _CacheFactory, make_batch
+
+    _, run_dir = setup
+    kwargs = dict(seed=3, shuffle=True, shuffle_buffer=16, partitions=4)
+    per_sample = iter(CachedCorpus(run_dir / "shard", run_dir / "cache", "train", teacher_id="tiny", **kwargs))
+    corpus = CachedCorpus(run_dir / "shard", run_dir / "cache", "train", teacher_id="tiny", **kwargs)
+    loader = TrainLoader(CorpusReader(run_dir / "shard", "train", **kwargs), corpus.masker, 5, 0,
+                         cache_factory=_CacheFactory(run_dir / "cache", "train", 16), num_workers=2)
+    for _ in range(3):
+        want = make_batch([next(per_sample) for _ in range(5)], 0)
+        got = next(loader)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

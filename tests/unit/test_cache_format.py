@@ -116,3 +116,36 @@ def test_length_batches_respect_token_budget():
     batches = _length_batches(lengths, 120)
     assert sorted(np.concatenate(batches).tolist()) == list(range(6))
     assert all(len(b) * lengths[b].max() <= 120 or len(b) == 1 for b in batches)
+
+
+def test_lookup_finds_records_from_keys_and_names_a_missing_one(tmp_path):
+    """CacheLookup: no key dict; a key's shard comes from its prefix, its row from its index."""
+    from types import SimpleNamespace
+
+    from formats.cache import CacheLookup, CacheRecord, SUFFIX, write_cache_shard
+    from pipeline.manifest import ManifestError, sha256_file
+
+    rng = np.random.default_rng(0)
+    outputs, rels = [], []
+    for shard in range(2):
+        records = []
+        for i in range(3):
+            n = int(rng.integers(1, 4))
+            records.append(CacheRecord(key=f"train-{shard:06d}-{i:06d}", positions=np.sort(rng.choice(20, n, replace=False)),
+                                       topk_ids=rng.integers(0, 50, (n, 2)), topk_logp=-np.sort(rng.random((n, 2)), 1),
+                                       tail_logmass=np.full(n, -2.0, np.float32)))
+        rel = f"t/train-{shard:06d}{SUFFIX}"
+        write_cache_shard(tmp_path / rel, records, vocab_size=50, max_seq_len=21)
+        rels.append(rel)
+        outputs.append(SimpleNamespace(path=rel, sha256=sha256_file(tmp_path / rel), items={"samples": 3}))
+    manifest = SimpleNamespace(extra={"splits": {"train": {"shards": rels}}}, outputs=outputs)
+    lookup = CacheLookup(tmp_path, manifest, "train", capacity=1)  # capacity 1: shards are re-decoded as needed
+    keys = ["train-000001-000002", "train-000000-000000", "train-000001-000000"]
+    n, cols = lookup.gather(keys)
+    expected = [lookup.record(k) for k in keys]
+    assert n.tolist() == [r.positions.size for r in expected]
+    assert np.array_equal(cols["positions"], np.concatenate([r.positions for r in expected]))
+    assert np.array_equal(cols["topk_ids"], np.concatenate([r.topk_ids for r in expected]))
+    for bad in ("train-000001-000007", "train-000009-000000", "valid-000000-x"):
+        with pytest.raises(ManifestError, match=f"no (cache )?record for sample {bad!r}"):
+            lookup.gather(["train-000000-000001", bad])

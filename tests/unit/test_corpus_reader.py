@@ -1,4 +1,5 @@
-"""The corpus reader: deterministic global order, exact resume on 1 and 2 ranks, worker split, corrupt shards."""
+"""The corpus reader: a global order fixed by (seed, epoch, partitions), ranks partition it, exact resume on
+1 and 2 ranks, worker split, corrupt shards."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from formats.corpus import (
     CorpusReader,
     collate,
-    global_order,
+    epoch_windows,
     load_tokenizer,
     read_shard,
     shard_paths,
@@ -102,11 +103,12 @@ def test_dataloader_workers_split_without_changing_the_set(shard_dir):
     assert list(loader) == single, "round-robin over 2 workers with one sample at a time keeps the order"
 
 
-def test_global_order_buffer_only_mixes_nearby():
-    order = list(global_order([5, 5, 5], seed=0, epoch=0, shuffle=True, buffer=1))
-    assert sorted(order) == [(s, j) for s in range(3) for j in range(5)]
-    shards_in_order = [s for s, _ in order]
-    assert shards_in_order == sorted(shards_in_order, key=shards_in_order.index), "buffer 1 keeps shards contiguous"
+def test_windows_hold_a_buffer_and_depend_on_counts_only():
+    windows = epoch_windows([5, 5, 5, 5, 5], seed=0, epoch=0, shuffle=True, buffer=8)
+    assert sorted(s for w in windows for s in w) == list(range(5)) and [len(w) for w in windows] == [2, 2, 1]
+    assert epoch_windows([5, 5, 5], seed=0, epoch=0, shuffle=False, buffer=8) == [[0], [1], [2]]
+    assert epoch_windows([5] * 9, seed=0, epoch=1, shuffle=True, buffer=1) != epoch_windows([5] * 9, seed=0, epoch=0,
+                                                                                         shuffle=True, buffer=1)
 
 
 def test_collate_pads_to_the_longest(shard_dir):

@@ -47,9 +47,14 @@ def test_trained_tokenizer_pairs_and_worker_split_are_byte_identical(jsonl_corpu
     )
     one = run_shard(config, tmp_path / "one")
     assert one is not None and one.extra["vocab_size"] == 300
-    assert run_shard(config, tmp_path / "two", worker=0, num_workers=2) is None
-    two = run_shard(config, tmp_path / "two", worker=1, num_workers=2)
-    assert two is not None
+    # Workers wait for each other's scans, as array tasks running at once do: run them side by side.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer  # noqa: F401  (transformers' lazy imports are not thread-safe)
+
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda w: run_shard(config, tmp_path / "two", worker=w, num_workers=2), (0, 1)))
+    two = next(m for m in both if m is not None)
     assert [(o.path, o.sha256) for o in one.outputs] == [(o.path, o.sha256) for o in two.outputs]
     shard_dir = tmp_path / "one" / "shard"
     tokenizer = load_tokenizer(shard_dir)
