@@ -61,7 +61,6 @@ def _masker(tokenizer):
 @torch.inference_mode()
 def _forward_only(samples, masker, model, settings, pad_id: int, device="cpu") -> None:
     """The bare teacher forward on exactly the batches the cache builds (same masking and batching)."""
-    from kd import teachers
     from stages.cache import records as teacher
 
     masked = masker.batch(samples)

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import shutil
+import threading
 from pathlib import Path
 
 from pipeline import log
@@ -55,6 +56,10 @@ def _matches(manifest: Manifest, fp: dict) -> bool:
     return manifest.config_hash == fp["config_hash"] and {i.name: i.sha256 for i in manifest.inputs} == fp["inputs"]
 
 
+_IN_PROCESS: dict[str, threading.Lock] = {}
+"""One thread lock per lock file, for workers that share a process."""
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path):
     """Hold an exclusive POSIX lock on `path` (created if missing) for the block; other processes wait.
@@ -63,7 +68,8 @@ def exclusive_lock(path: Path):
     locks also work across the nodes of an NFS, CephFS or Lustre (-o flock) shared volume.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    # POSIX locks belong to a process: workers run as threads of one process also take a thread lock.
+    with _IN_PROCESS.setdefault(str(path.resolve()), threading.Lock()), open(path, "a") as handle:
         fcntl.lockf(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -2,20 +2,22 @@
 
 Work split (see scan.py): the input is cut into pieces (files, byte ranges of plain text, parquet row
 groups) that do not depend on the worker count; worker w scans pieces w, w + n, ... once (clean, hash, keep
-the texts under `.scan/`), worker 0 dedups over the digests a bucket at a time, and every worker then cuts
+the texts under `.scan/`), one worker dedups over the digests a bucket at a time, and every worker then cuts
 each split's surviving documents, in input order, into blocks of `docs_per_shard`; block k becomes shard k,
 written by the worker that scanned the piece where the block starts. A shard is a function of its block
-alone, so the output is byte-identical for any worker count and any number of interruptions. Workers wait
-for each other's scans (files under `.scan/`), so all of them must run at once. Packing happens within a block: the last sequence of a shard may be
-shorter than `max_seq_len` (that is the documented boundary; no token is dropped), and shards hold a fixed
+alone, so the output is byte-identical for any worker count and any number of interruptions. Start order is
+free: a worker scans the pieces of workers that have not started yet and waits only for those that have.
+Packing happens within a block: the last sequence of a shard may be shorter than `max_seq_len` (that is the documented boundary; no token is dropped), and shards hold a fixed
 number of documents, so their sample counts differ slightly (each is recorded in the manifest).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -27,8 +29,8 @@ from pipeline import log
 from pipeline.assets import resolve_asset
 from pipeline.config import ConfigError
 from pipeline.manifest import ManifestError, OutputFile, atomic_write_text, sha256_file
-from stages.shard.packing import pack_pairs, pack_plain
 from stages.shard import scan
+from stages.shard.packing import pack_pairs, pack_plain
 from stages.shard.sources import CleaningStats, documents, expand_inputs, plan_pieces
 from stages.shard.tokenizer import train_sentencepiece
 
@@ -57,26 +59,40 @@ def _input_files(config: Config, ctx) -> list[Path]:
     return expand_inputs([str(base / pattern) for pattern in config.inputs])
 
 
+_IN_PROCESS: dict[str, threading.Lock] = {}
+"""POSIX record locks belong to a process, so workers run as threads of one process also take this one."""
+
+
+@contextlib.contextmanager
 def _tokenizer_lock(stage_dir: Path, timeout_s: float):
-    """Take `.tokenizer.lock`, waiting while another worker holds it (it is saving or training the tokenizer).
+    """Hold `.tokenizer.lock`, waiting while another worker holds it (it is saving or training the tokenizer).
 
     Whichever worker starts first prepares `tokenizer/`; the lock dies with its holder, so a killed worker
     never blocks the others, and start order does not matter.
     """
     import fcntl
 
-    handle = open(stage_dir / ".tokenizer.lock", "a")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return handle  # closing it releases the lock
-        except OSError:
-            if time.monotonic() > deadline:
-                handle.close()
-                raise ConfigError(f"{stage_dir}/.tokenizer.lock: another worker has been preparing the tokenizer "
-                                  f"for over {timeout_s:.0f} s (raise wait_timeout_s if training it takes longer)") from None
-            time.sleep(0.5)
+    def refuse():
+        raise ConfigError(f"{stage_dir}/.tokenizer.lock: another worker has been preparing the tokenizer "
+                          f"for over {timeout_s:.0f} s (raise wait_timeout_s if training it takes longer)")
+
+    local = _IN_PROCESS.setdefault(str(Path(stage_dir).resolve()), threading.Lock())
+    if not local.acquire(timeout=timeout_s):
+        refuse()
+    try:
+        with open(stage_dir / ".tokenizer.lock", "a") as handle:  # closing it releases the lock
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        refuse()
+                    time.sleep(0.5)
+            yield
+    finally:
+        local.release()
 
 
 def prepare_tokenizer(config: Config, ctx, files: list[Path]):
@@ -167,17 +183,26 @@ def run(config: Config, ctx):
     backend = _backend(tokenizer)
     world = ctx.world
     pieces = plan_pieces(files, config.piece_bytes, separator=config.doc_separator)
-    for piece in pieces[world.worker::world.num_workers]:
+    scan.mark_started(ctx.stage_dir, world.worker)
+
+    def scan_one(piece) -> None:
         if not scan.scanned(ctx.stage_dir, piece):
             scan.scan_piece(ctx.stage_dir, piece, text_field=config.text_field, separator=config.doc_separator,
                             normalize=config.normalize, max_doc_chars=config.max_doc_chars,
                             valid_fraction=config.valid_fraction, buckets=config.dedup_buckets,
                             worker=world.worker)
+
+    for piece in pieces[world.worker::world.num_workers]:
+        scan_one(piece)
+    # Array tasks start in any order: the pieces of a worker that has not started yet are scanned here (scan
+    # files are written atomically and are the same whoever writes them); a started worker's are waited for.
+    for index, piece in enumerate(pieces):
+        if not scan.started(ctx.stage_dir, index % world.num_workers):
+            scan_one(piece)
     scan.wait_for(list(scan.pieces_of(ctx.stage_dir, len(pieces))), config.wait_timeout_s, "shard scan")
     dedup_file = ctx.stage_dir / scan.SCAN_DIR / "dedup.npz"
-    if world.is_main and not dedup_file.exists():
+    if not dedup_file.exists():  # any worker: the pass is deterministic and its file is written atomically
         scan.dedup(ctx.stage_dir, len(pieces), buckets=config.dedup_buckets, enabled=config.dedup)
-    scan.wait_for([dedup_file], config.wait_timeout_s, "shard dedup")
     lay = scan.layout(ctx.stage_dir, len(pieces), config.max_docs)
     counts = {split: lay.counts(split) for split in SPLITS}
     docs_per_split = {split: int(counts[split].sum()) for split in SPLITS}

@@ -5,7 +5,7 @@ Scan (per piece, by worker piece % num_workers): read, clean and hash the piece'
 document its 16-byte digest (stored bucket by bucket) and split, and the cleaned texts per split
 (length-prefixed, zstd). The input is read once in all: the writing pass reads these files, not the input.
 
-Dedup (worker 0, written to `.scan/dedup.npz`, which the others wait for): digests are grouped into
+Dedup (whichever worker first finds every piece scanned, written atomically to `.scan/dedup.npz`): digests are grouped into
 `dedup_buckets` buckets by their first byte pair; one bucket of every piece at a time is held in memory, so the
 pass needs about 24 B x documents / buckets, whatever the corpus size. The first copy (lowest piece, then
 position) wins, as it always did.
@@ -108,6 +108,16 @@ def scanned(stage_dir: Path, piece: Piece) -> bool:
     return (data["path"], data["start"], data["end"]) == (str(piece.path), piece.start, piece.end)
 
 
+def mark_started(stage_dir: Path, worker: int) -> None:
+    """Record that array worker `worker` is scanning its pieces (so the others wait for them, not redo them)."""
+    atomic_write_text(stage_dir / SCAN_DIR / f"worker-{worker:05d}.started", "")
+
+
+def started(stage_dir: Path, worker: int) -> bool:
+    """Whether array worker `worker` has begun scanning in this stage directory."""
+    return (stage_dir / SCAN_DIR / f"worker-{worker:05d}.started").is_file()
+
+
 def wait_for(paths: list[Path], timeout_s: float, what: str) -> None:
     """Poll until every path exists (other array workers write them); ConfigError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
@@ -115,7 +125,7 @@ def wait_for(paths: list[Path], timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             missing = sum(not p.exists() for p in paths)
             raise ConfigError(f"{what}: {missing} of {len(paths)} files still missing after {timeout_s:.0f} s "
-                              "(are all shard workers running at once?)")
+                              "(a worker that started scanning stopped; rerun it, or raise wait_timeout_s)")
         time.sleep(0.2)
 
 
