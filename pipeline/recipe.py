@@ -29,6 +29,13 @@ class RunSection:
     """Seed from which stages derive theirs."""
     run_dir: str | None = None
     """Where stage outputs go; the CLI's --run-dir wins."""
+    lock_lease_s: float = 600.0
+    """A stage lock held from another host is taken over once its heartbeat is older than this (seconds);
+    allow for clock skew between nodes. On the same host a dead pid frees the lock at once."""
+
+    def __post_init__(self):
+        if not 10 <= self.lock_lease_s <= 86400:
+            raise ValueError(f"lock_lease_s must be between 10 and 86400 seconds, got {self.lock_lease_s}")
 
 
 @dataclass(kw_only=True)

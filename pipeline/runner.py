@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline import log
 from pipeline.config import ConfigError, config_hash, dump_yaml, to_dict
 from pipeline.context import ResolvedInput, RunContext
+from pipeline.lock import stage_lock
 from pipeline.manifest import (
     MANIFEST,
     Manifest,
@@ -141,7 +142,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, stages: list[str] | None = None
     status = "FAILED"
     try:
         for name in names:
-            results[name] = run_stage(recipe, name, run_dir, world=world, force=force, tracker=tracker)
+            with stage_lock(run_dir, name, recipe.stages[name].spec.launch, world, recipe.run.lock_lease_s):
+                results[name] = run_stage(recipe, name, run_dir, world=world, force=force, tracker=tracker)
             if results[name] is None:
                 log.info(f"stopping after {name}: later stages need it complete")
                 break
