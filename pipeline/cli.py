@@ -138,6 +138,14 @@ def _extra_commands() -> list:
 COMMANDS: list = []
 
 
+def _rank_lost(err: RuntimeError):
+    if "torch.distributed" not in sys.modules:  # no process group without it; keep torch out of plain CLI calls
+        return None
+    from pipeline.train.dist import lost_ranks
+
+    return lost_ranks(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `distill` console script."""
     COMMANDS[:] = _extra_commands()
@@ -150,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         print(f"distill: preempted: {err} (checkpoint saved; rerun the same command to resume)", file=sys.stderr)
         return EXIT_PREEMPTED
+    except RuntimeError as err:  # a lost rank is one line; any other RuntimeError is a bug and keeps its traceback
+        lost = _rank_lost(err)
+        if lost is None:
+            raise
+        print(f"distill: error: {lost}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("distill: interrupted", file=sys.stderr)
         return 130

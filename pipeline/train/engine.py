@@ -52,6 +52,7 @@ class EngineSettings:
     zero_stage: int = 0
     offload_optimizer: bool = False
     deepspeed_config: str | None = None
+    collective_timeout_s: float = 600.0
 
     def schedule(self, step: int) -> float:
         """The learning rate at optimizer step `step`."""
@@ -293,8 +294,8 @@ def build_engine(model: torch.nn.Module, *, settings: EngineSettings, world: Wor
     if settings.backend == "torch":
         if settings.zero_stage or settings.offload_optimizer:
             raise ConfigError("zero_stage and offload_optimizer need engine: deepspeed")
-        dist.init(world)
+        dist.init(world, timeout_s=settings.collective_timeout_s)
         return TorchEngine(model, settings=settings, world=world, groups=groups)
     config = deepspeed_json(settings, world.world_size)  # conflicts fail here, before any compute
-    dist.init(world, need_group=True)
+    dist.init(world, need_group=True, timeout_s=settings.collective_timeout_s)
     return DeepSpeedEngine(model, settings=settings, world=world, config=config, groups=groups)

@@ -115,6 +115,9 @@ class Config:
     """auto: continue from the newest complete checkpoint of this stage; none: start over."""
     log_every: int = field(default=10, metadata={"hash": False})
     """Optimizer steps between training log lines."""
+    collective_timeout_s: float = field(default=600.0, metadata={"hash": False})
+    """Seconds a rank waits in a collective for the others; past it (or at once when a rank dies) the run
+    stops with one line naming the lost rank, and a rerun resumes from the last complete checkpoint."""
     die_after_steps: int | None = field(default=None, metadata={"hash": False})
     """Test hook: SIGKILL this process after this many optimizer steps."""
     preempt_at_step: int | None = field(default=None, metadata={"hash": False})
@@ -140,6 +143,8 @@ class Config:
             raise ValueError("lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise ValueError("eval_every and checkpoint_every must be >= 0")
+        if not 1 <= self.collective_timeout_s <= 86400:
+            raise ValueError(f"collective_timeout_s must be between 1 and 86400, got {self.collective_timeout_s}")
         if not 0 < self.mask_rate < 1:
             raise ValueError(f"mask_rate must be in (0, 1), got {self.mask_rate}")
 
@@ -154,4 +159,4 @@ class Config:
             total_steps=self.max_steps, min_lr_ratio=self.min_lr_ratio, micro_batch_size=per_step // world_size,
             grad_accum=self.grad_accum, clip_norm=self.clip_norm, precision=self.precision,
             zero_stage=self.zero_stage, offload_optimizer=self.offload_optimizer,
-            deepspeed_config=self.deepspeed_config)
+            deepspeed_config=self.deepspeed_config, collective_timeout_s=self.collective_timeout_s)
