@@ -28,6 +28,7 @@ from typing import Iterator
 
 from pipeline import log
 from pipeline.config import ConfigError
+from pipeline.manifest import disk_full
 
 LOCKS = ".locks"
 """Folder of the run directory that holds the lock files."""
@@ -104,7 +105,11 @@ def _read(path: Path) -> Holder | None:
 def _link_new(path: Path, holder: Holder) -> bool:
     """Create `path` holding `holder` if nothing is there; True if we created it."""
     tmp = path.with_name(f".{path.name}.{holder.token}.{os.getpid()}")
-    tmp.write_text(json.dumps(holder.__dict__, sort_keys=True))
+    try:
+        tmp.write_text(json.dumps(holder.__dict__, sort_keys=True))
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise disk_full(err, path) or err from None
     try:
         os.link(tmp, path)
         return True

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,55 @@ MANIFEST = "manifest.json"
 
 class ManifestError(Exception):
     """A manifest or a file it lists is missing, unreadable or does not match its recorded hash."""
+
+
+FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EFBIG: "file size limit reached"}
+"""errno values that mean the disk (or a quota or `ulimit -f`) is full."""
+_FULL_TEXT = ("no space left on device", "disk quota exceeded", "file too large", "database or disk is full",
+              "file write failed")  # torch.save and sqlite wrap the OSError in their own errors
+
+
+class DiskFull(OSError):
+    """A write failed for want of room: names the path and the free space left."""
+
+    def __init__(self, path: Path, reason: str):
+        self.message = f"{path}: {reason} ({_free(Path(path))}); make room or use another --run-dir, then rerun " \
+                       "the same command (finished work is kept)"
+        super().__init__(errno.ENOSPC, self.message, str(path))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _free(path: Path) -> str:
+    for where in (path, *path.parents):
+        if where.exists():
+            try:
+                free = shutil.disk_usage(where).free
+            except OSError:
+                break
+            return f"{free / 1e6:.1f} MB free on {where}"
+    return "free space unknown"
+
+
+def disk_full(err: BaseException, path: Path | None = None) -> DiskFull | None:
+    """`err` as a DiskFull naming the file it names (else `path`), or None if it is not a full disk.
+
+    Looks through the exception chain: torch.save, safetensors and sqlite raise their own error types.
+    """
+    seen = err
+    while seen is not None:
+        if isinstance(seen, DiskFull):
+            return seen
+        reason = FULL_ERRNOS.get(getattr(seen, "errno", None))
+        if reason is None and any(text in str(seen).lower() for text in _FULL_TEXT):
+            reason = "no space left on device"
+        if reason is not None:
+            where = getattr(seen, "filename", None) or path
+            return DiskFull(Path(where) if where else Path.cwd(), reason)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -57,8 +108,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as err:
         tmp_path.unlink(missing_ok=True)
+        full = disk_full(err, path) if isinstance(err, OSError) and not isinstance(err, DiskFull) else None
+        if full is not None:
+            raise full from None
         raise
 
 

@@ -16,6 +16,7 @@ from pipeline.manifest import (
     Manifest,
     ManifestError,
     atomic_write_text,
+    disk_full,
     manifest_sha256,
 )
 from pipeline.provenance import git_commit
@@ -113,8 +114,10 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path, *, world: World, force: 
     tracker.start_stage(name, stage_dir, to_dict(entry.config), list(inputs.values()))
     try:
         manifest = entry.spec.run(entry.config, ctx)
-    except BaseException:
+    except BaseException as err:
         tracker.end_stage(None, status="FAILED")
+        if (full := disk_full(err, stage_dir)) is not None:  # libraries' own errors name no file: name the stage
+            raise full from None
         raise
     writes = entry.spec.launch == "array" or world.rank == 0
     if manifest is not None and writes:
