@@ -30,7 +30,7 @@ from pipeline.tracking.lineage import (
     read_run_id,
 )
 from pipeline.tracking.plots import log_stage_plots
-from pipeline.tracking.store import StoreUnreachable, connect, store_uri
+from pipeline.tracking.store import StoreLocked, StoreUnreachable, connect, retry_locked, store_uri
 
 BUFFER = "mlflow_buffer.jsonl"
 """Journal of tracker calls made while the server was unreachable."""
@@ -84,8 +84,15 @@ class MlflowTracker(NullTracker):
         self._replaying = False
         problem = None
         try:
-            self.client = connect(self.uri, config.timeout_s)
-            self.experiment_id = self._experiment()
+            def open_store():
+                self.client = connect(self.uri, config.timeout_s)
+                return self._experiment()
+
+            self.experiment_id = retry_locked(open_store, self.uri, config.locked_retry_s, "opening the experiment")
+        except StoreLocked as err:
+            if config.required:
+                raise
+            problem, self.client = str(err), None
         except StoreUnreachable:
             problem, self.client = f"no answer within {config.timeout_s:g} s", None
         except Exception as err:  # noqa: BLE001 - a bad store (auth, permissions) reads like a dead one
@@ -106,7 +113,13 @@ class MlflowTracker(NullTracker):
         location = None
         if self.uri.startswith("sqlite:///"):
             location = (self.run_dir.resolve() / "mlartifacts").as_uri()
-        return self.client.create_experiment(self.config.experiment, artifact_location=location)
+        try:
+            return self.client.create_experiment(self.config.experiment, artifact_location=location)
+        except Exception:  # noqa: BLE001 - another run sharing the store created it first
+            found = self.client.get_experiment_by_name(self.config.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
 
     # -- offline journal ---------------------------------------------------------------------------------
 
@@ -177,11 +190,13 @@ class MlflowTracker(NullTracker):
         """
         if self.buffer is None:
             try:
-                return online()
+                return retry_locked(online, self.uri, self.config.locked_retry_s, op)
             except Exception as err:  # noqa: BLE001 - any store error is reported the same way
                 if self._replaying:
                     raise
                 reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+                if isinstance(err, StoreLocked) and self.config.required:
+                    raise
                 if self.config.required:
                     raise ConfigError(f"tracking.uri {self.uri}: {op} failed: {reason}") from None
                 self.buffer = self.run_dir / BUFFER
