@@ -35,7 +35,14 @@ class ModelRegistry:
         return self._tracker.stage_run
 
     def create_version(self, name: str, run_id: str, tags: dict[str, str], description: str | None):
-        """A new version of model `name` (created if missing) pointing at `runs:/run_id`."""
+        """A new version of model `name` (created if missing) pointing at `runs:/run_id`.
+
+        Idempotent: a version of `name` from the same run and the same input manifest (a rerun after a kill)
+        is returned instead of adding a second one.
+        """
+        for found in self._client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+            if found.tags.get("distill.manifest_sha256") == tags.get("distill.manifest_sha256"):
+                return found
         try:
             self._client.create_registered_model(name)
         except Exception:  # noqa: BLE001 - it exists already; a real store error shows up on the next call

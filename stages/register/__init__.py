@@ -9,6 +9,8 @@ is recorded (manifest, version tag, log line) and does not fail the stage, since
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 from pipeline import log
 from pipeline.config import ConfigError
@@ -43,6 +45,8 @@ def run(config: Config, ctx):
         "distill.lineage_runs": json.dumps([c["run_id"] for c in chain])[:5000],
     }
     version = registry.create_version(config.name, run_id, tags, config.description or None)
+    if config.die_after_version:
+        os.kill(os.getpid(), signal.SIGKILL)
     log.info(f"{ctx.name}: registered {config.name} version {version.version} from run {run_id}")
     record = {"name": config.name, "version": str(version.version), "run_id": run_id, "alias": config.alias,
               "promoted": False, "reason": "no alias requested", "lineage": chain}

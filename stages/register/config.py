@@ -22,6 +22,8 @@ class Config:
     """Gates that must hold to move the alias, e.g. 'dev_acc>=0.99*teacher' (see `distill promote --help`)."""
     description: str = ""
     """Description stored with the version."""
+    die_after_version: bool = field(default=False, metadata={"hash": False})
+    """Test hook: SIGKILL this process right after the version is created (before anything records it)."""
 
     def __post_init__(self):
         if not self.name.strip():
