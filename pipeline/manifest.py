@@ -169,6 +169,9 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     started: str = ""
     finished: str = ""
+    digest: str = ""
+    """sha256 of the manifest's own canonical JSON (this field left empty): a flipped byte that still parses
+    (a metric, a count, a path) is caught on load, not trusted."""
 
     def totals(self) -> dict[str, int]:
         """Bytes and item counts summed over the outputs."""
@@ -179,8 +182,10 @@ class Manifest:
         return total
 
     def to_json(self) -> str:
-        """Canonical JSON text of the manifest."""
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        """Canonical JSON text of the manifest, with its digest."""
+        data = {**dataclasses.asdict(self), "digest": ""}
+        data["digest"] = _digest(data)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def write(self, stage_dir: Path) -> Path:
         """Write `manifest.json` atomically; call this last, after every output is in place."""
@@ -198,10 +203,13 @@ class Manifest:
             raise ManifestError(f"{path}: no manifest (the stage has not finished there; run it first)")
         try:
             data = json.loads(path.read_text())
+            if data.get("digest") and _digest({**data, "digest": ""}) != data["digest"]:
+                raise ManifestError(f"{path}: corrupt manifest (its digest does not match its content: altered "
+                                    "after it was written); rerun the stage with --force")
             data["inputs"] = [InputRef(**i) for i in data.get("inputs", [])]
             data["outputs"] = [OutputFile(**o) for o in data.get("outputs", [])]
             return cls(**data)
-        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as err:  # a flipped byte, a cut
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, AttributeError) as err:  # a flip, a cut
             raise ManifestError(f"{path}: corrupt manifest ({err}); rerun the stage with --force") from None
 
     def verify(self, stage_dir: Path) -> None:
@@ -214,6 +222,10 @@ class Manifest:
                 raise ManifestError(f"{full}: size {full.stat().st_size} != {out.bytes} in the manifest (truncated or altered)")
             if sha256_file(full) != out.sha256:
                 raise ManifestError(f"{full}: sha256 does not match the manifest (altered or corrupt)")
+
+
+def _digest(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, indent=2, sort_keys=True).encode()).hexdigest()
 
 
 def manifest_sha256(stage_dir: Path) -> str:
