@@ -139,6 +139,14 @@ def _extra_commands() -> list:
 
 COMMANDS: list = []
 
+_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00"}
+
+
+def one_line(message: object) -> str:
+    """The message with line breaks (every one `str.splitlines` knows) and NUL escaped: an error stays one
+    line even when it quotes a key or a value holding them."""
+    return str(message).translate(_BREAKS)
+
 
 def _rank_lost(err: Exception):
     if not isinstance(err, RuntimeError) or "torch.distributed" not in sys.modules:  # no process group without it; keep torch out of plain CLI calls
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as err:
-        print(f"distill: error: {err}", file=sys.stderr)
+        print(f"distill: error: {one_line(err)}", file=sys.stderr)
         return 2
     except Preempted as err:
         print(f"distill: preempted: {err} (checkpoint saved; rerun the same command to resume)", file=sys.stderr)
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         known = disk_full(err, getattr(args, "writing_to", None)) or _rank_lost(err)
         if known is None:
             raise
-        print(f"distill: error: {known}", file=sys.stderr)
+        print(f"distill: error: {one_line(known)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("distill: interrupted", file=sys.stderr)

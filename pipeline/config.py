@@ -162,7 +162,10 @@ def _coerce(value: Any, tp: Any, path: tuple[str, ...], sources: Sources, origin
         fail()
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond 1.8e308
+                fail("(too large for a float)")
         if isinstance(value, str):
             try:
                 return float(value)  # YAML reads 3e-4 (no dot) as a string
