@@ -145,7 +145,9 @@ _BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2
 def one_line(message: object) -> str:
     """The message with line breaks (every one `str.splitlines` knows) and NUL escaped: an error stays one
     line even when it quotes a key or a value holding them."""
-    return str(message).translate(_BREAKS)
+    from pipeline.secrets import scrub
+
+    return scrub(str(message)).translate(_BREAKS)
 
 
 def _rank_lost(err: Exception):

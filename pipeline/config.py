@@ -248,5 +248,6 @@ def config_hash(config: Any) -> str:
 def dump_yaml(data: Any, path: Path) -> None:
     """Write plain data as YAML, atomically."""
     from pipeline.manifest import atomic_write_text
+    from pipeline.secrets import scrub
 
-    atomic_write_text(path, yaml.safe_dump(to_dict(data), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(scrub(to_dict(data)), sort_keys=False))

@@ -183,7 +183,9 @@ class Manifest:
 
     def to_json(self) -> str:
         """Canonical JSON text of the manifest, with its digest."""
-        data = {**dataclasses.asdict(self), "digest": ""}
+        from pipeline.secrets import scrub
+
+        data = {**scrub(dataclasses.asdict(self)), "digest": ""}
         data["digest"] = _digest(data)
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 

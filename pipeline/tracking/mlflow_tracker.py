@@ -22,6 +22,7 @@ from pipeline import log
 from pipeline.config import ConfigError
 from pipeline.manifest import MANIFEST, Manifest, atomic_write_text, manifest_sha256
 from pipeline.provenance import git_commit
+from pipeline.secrets import scrub
 from pipeline.tracking.base import NullTracker, TrackingConfig
 from pipeline.tracking.lineage import (
     RUN_ID_FILE,
@@ -127,7 +128,7 @@ class MlflowTracker(NullTracker):
         args.setdefault("time_ms", int(time.time() * 1000))
         self.buffer.parent.mkdir(parents=True, exist_ok=True)
         with open(self.buffer, "a") as handle:
-            handle.write(json.dumps({"op": op, **args}, default=str) + "\n")
+            handle.write(json.dumps(scrub({"op": op, **args}), default=str) + "\n")
 
     def replay(self) -> int:
         """Send a journal left by an offline run to the (now reachable) server; return how many calls were sent.
@@ -225,7 +226,7 @@ class MlflowTracker(NullTracker):
         run_id = self._reopen(id_file)
         if run_id is not None:
             return run_id, True
-        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=scrub(tags)).info.run_id
         atomic_write_text(id_file, run_id + "\n")
         return run_id, False
 
@@ -234,7 +235,7 @@ class MlflowTracker(NullTracker):
 
         # A resumed run keeps the params it has; MLflow refuses to change a logged param.
         have = self.client.get_run(run_id).data.params
-        fresh = [Param(k, str(v)) for k, v in flatten(params).items() if k not in have]
+        fresh = [Param(k, str(v)) for k, v in scrub(flatten(params)).items() if k not in have]
         for start in range(0, len(fresh), 100):
             self.client.log_batch(run_id, params=fresh[start:start + 100])
 
@@ -362,6 +363,7 @@ class MlflowTracker(NullTracker):
 
     def set_tags(self, tags: dict[str, str], time_ms: int | None = None) -> None:
         """Tag the current stage's run."""
+        tags = scrub(tags)
         self._call("set_tags", {"tags": tags},
                    lambda: self._current() and [self.client.set_tag(self._current(), k, str(v)) for k, v in tags.items()])
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.manifest import MANIFEST, manifest_sha256
+from pipeline.secrets import scrub
 from pipeline.tracking.lineage import read_run_id
 from pipeline.tracking.promote import promote
 
@@ -47,7 +48,7 @@ class ModelRegistry:
             self._client.create_registered_model(name)
         except Exception:  # noqa: BLE001 - it exists already; a real store error shows up on the next call
             pass
-        return self._client.create_model_version(name, source=f"runs:/{run_id}", run_id=run_id, tags=tags,
+        return self._client.create_model_version(name, source=f"runs:/{run_id}", run_id=run_id, tags=scrub(tags),
                                                  description=description)
 
     def promote(self, name: str, version: Any, alias: str, gates: list[str]) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline import log
 from pipeline.config import ConfigError
+from pipeline.secrets import scrub
 
 
 class StoreUnreachable(ConfigError):
@@ -139,6 +140,8 @@ def retry_locked(call, uri: str, budget_s: float, what: str = "tracking call"):
 def connect(uri: str, timeout_s: float):
     """An MlflowClient for `uri`, after bounding retries and probing a server; StoreUnreachable if it is silent."""
     bound_retries(timeout_s)
+    if scrub(uri) != uri:  # MLflow prints "View run at: URI..." to stdout, password and all
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if not reachable(uri, timeout_s):
         raise StoreUnreachable(f"tracking server {uri}: no answer within {timeout_s:g} s")
     from mlflow import MlflowClient
