@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections import Counter
 import json
 import os
 import shutil
@@ -28,6 +29,11 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
                           suppress_health_check=list(HealthCheck))
 settings.register_profile("chaos", max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+SCALE = 5 if os.environ.get("HYPOTHESIS_PROFILE") == "chaos" else 1
+"""The slow properties (a stage run per example) run SCALE times more examples under `make chaos`."""
+
+EXAMPLES: Counter = Counter()
+"""Examples run per property test (`make chaos` reports them as faults injected)."""
 
 RECIPES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
 ODD = "a\u202e\u200f\u0645\u05d0\U0001F600\u0301\ufeff\x00\u2028\U0010FFFF\t"
@@ -90,6 +96,7 @@ def mutations(draw):
 
 @given(mutations())
 def test_mutated_recipe_is_valid_or_one_line_naming_the_key(tmp_path_factory, mutation):
+    EXAMPLES["test_mutated_recipe_is_valid_or_one_line_naming_the_key"] += 1
     recipe, tree, kind, where, named = mutation
     path = tmp_path_factory.mktemp("recipe") / recipe
     path.write_text(yaml.safe_dump(tree, allow_unicode=True, sort_keys=False))
@@ -147,6 +154,7 @@ def damaged_copy(pipeline_run, tmp_path_factory):
 @given(target=st.sampled_from(["shard:.tar", "cache:.cache", "shard:manifest.json", "cache:manifest.json"]),
        index=st.integers(0, 10), hurt=damage)
 def test_damaged_file_is_one_line_naming_it(damaged_copy, target, index, hurt):
+    EXAMPLES["test_damaged_file_is_one_line_naming_it"] += 1
     _, fresh = damaged_copy
     run_dir = fresh()
     stage, suffix = target.split(":")
@@ -161,11 +169,12 @@ def test_damaged_file_is_one_line_naming_it(damaged_copy, target, index, hurt):
     assert rel in errors[0], f"{rel} damaged ({hurt}) but the error names another file: {errors[0]}"
 
 
-@settings(max_examples=6)
+@settings(max_examples=6 * SCALE)
 @given(target=st.sampled_from(["engine/model.safetensors", "engine/optimizer.pt", "engine/engine.json",
                                "state-rank0.json"]), hurt=damage)
 def test_damaged_checkpoint_is_one_line_naming_it(pipeline_run, tmp_path_factory, target, hurt):
     """general killed after its last checkpoint (no model, no manifest), its newest checkpoint damaged."""
+    EXAMPLES["test_damaged_checkpoint_is_one_line_naming_it"] += 1
     recipe, reference = pipeline_run
     run_dir = copy_stages(reference, tmp_path_factory.mktemp("ckpt"), ["shard", "cache", "general"])
     stage_dir = run_dir / "general"
@@ -192,11 +201,12 @@ lines = st.one_of(st.sampled_from(HOSTILE), st.binary(max_size=200),
                   st.text(alphabet=ODD + "the cat sat on a mat ", max_size=120).map(str.encode))
 
 
-@settings(max_examples=4)
+@settings(max_examples=4 * SCALE)
 @given(st.lists(lines, min_size=1, max_size=40))
 def test_hostile_corpus_is_sharded_or_skipped_without_a_crash(tmp_path_factory, corpus_lines):
     """Gloss-like lines mixed with hostile ones (and, in every example, one 5 MB line): the shard stage
     finishes, and every document is either in a shard or counted as skipped with its reason."""
+    EXAMPLES["test_hostile_corpus_is_sharded_or_skipped_without_a_crash"] += 1
     root = tmp_path_factory.mktemp("hostile")
     good = [b"a small dog ran across the green field", b"the river flows into the sea"] * 20
     body = b"\n".join(good[:10] + corpus_lines + [b"x" * (5 << 20)] + good[10:]) + b"\n"
