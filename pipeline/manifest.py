@@ -192,6 +192,8 @@ class Manifest:
     def write(self, stage_dir: Path) -> Path:
         """Write `manifest.json` atomically; call this last, after every output is in place."""
         path = Path(stage_dir) / MANIFEST
+        for stale in Path(stage_dir).glob(f".tmp-{MANIFEST}.*"):  # left by an attempt killed mid-write
+            stale.unlink(missing_ok=True)
         atomic_write_text(path, self.to_json())
         return path
 
