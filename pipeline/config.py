@@ -186,6 +186,9 @@ def _coerce(value: Any, tp: Any, path: tuple[str, ...], sources: Sources, origin
 def build(cls: type, data: dict, sources: Sources | None = None, path: tuple[str, ...] = (), origin_file: str = "config"):
     """Validate `data` into the dataclass `cls`: unknown keys, wrong types and missing fields are ConfigErrors."""
     sources = sources or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_where(sources, path, origin_file)}: {'.'.join(path) or cls.__name__}: expected a "
+                          f"mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:

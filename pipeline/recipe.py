@@ -119,9 +119,13 @@ def parse(tree: dict, sources: Sources, origin: str) -> Recipe:
         raise ConfigError(f"{sources.get(('stages',), origin)}: stages: expected a mapping of stage name -> config")
     stages = {}
     for name, body in stages_tree.items():
-        body = dict(body or {})
         where = sources.get(("stages", name), origin)
+        if not isinstance(body, (dict, type(None))):
+            raise ConfigError(f"{where}: stages.{name}: expected a mapping of config keys, got {body!r}")
+        body = dict(body or {})
         stage_type = body.pop("stage", name)
+        if not isinstance(stage_type, str):
+            raise ConfigError(f"{where}: stages.{name}.stage: expected a stage type name, got {stage_type!r}")
         try:
             spec = registry.get(stage_type)
         except ConfigError as err:

@@ -62,6 +62,13 @@ def _leaves(tree, prefix=()) -> list[tuple]:
     return [prefix]
 
 
+def _paths(tree, prefix=()) -> list[tuple]:
+    """Every key path, sections as well as leaves (a whole section replaced by a number is a mutation too)."""
+    if not isinstance(tree, dict):
+        return []
+    return [p for key, value in tree.items() for p in [prefix + (key,), *_paths(value, prefix + (key,))]]
+
+
 def _at(tree, path):
     for key in path:
         tree = tree[key]
@@ -79,8 +86,8 @@ names = st.text(alphabet="abcxyz_" + ODD.replace("\x00", ""), min_size=1, max_si
 def mutations(draw):
     recipe = draw(st.sampled_from(sorted(RESOLVED)))
     tree = json.loads(json.dumps(RESOLVED[recipe]))
-    leaf = draw(st.sampled_from(_leaves(tree)))
     kind = draw(st.sampled_from(["set", "unknown", "delete"]))
+    leaf = draw(st.sampled_from(_paths(tree) if kind == "set" else _leaves(tree)))
     if kind == "set":
         _at(tree, leaf[:-1])[leaf[-1]] = draw(values)
         named = leaf[-1]
