@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -99,6 +100,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".tmp-{glob.escape(path.name)}.????????"):  # a writer killed mid-write
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -192,8 +195,6 @@ class Manifest:
     def write(self, stage_dir: Path) -> Path:
         """Write `manifest.json` atomically; call this last, after every output is in place."""
         path = Path(stage_dir) / MANIFEST
-        for stale in Path(stage_dir).glob(f".tmp-{MANIFEST}.*"):  # left by an attempt killed mid-write
-            stale.unlink(missing_ok=True)
         atomic_write_text(path, self.to_json())
         return path
 

@@ -106,8 +106,6 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path, *, world: World, force: 
     _prepare_dir(stage_dir, fp, force, world)
     if world.is_main:
         dump_yaml({"stage": entry.spec.name, **to_dict(entry.config)}, stage_dir / "config.yaml")
-        for stale in stage_dir.glob(".tmp-config.yaml.*"):  # left by an attempt killed mid-write
-            stale.unlink(missing_ok=True)
     ctx = RunContext(
         run_dir=Path(run_dir), stage_dir=stage_dir, name=name, stage=entry.spec.name, world=world,
         tracker=tracker, seed=recipe.run.seed, inputs=inputs, git_commit=git_commit(),
