@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -190,6 +191,21 @@ def acquire(path: Path, lease_s: float) -> StageLock:
         _take_over(path, holder, reason, lease_s)
         time.sleep(0.01)
     raise LockHeld(f"{path}: could not take the lock (others keep taking it); retry in a moment")
+
+
+def clear_partial_writes(stage_dir: Path) -> int:
+    """Remove the `.tmp-*` files and folders a killed holder left half-written in `stage_dir`; how many.
+
+    Only the holder of the stage's whole lock may call this (not a worker of an array stage): a `.tmp-*`
+    there then belongs to no live writer.
+    """
+    stale = sorted(Path(stage_dir).rglob(".tmp-*"), key=lambda p: len(p.parts), reverse=True)
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def lock_path(run_dir: Path, name: str, launch: str, num_workers: int, worker: int) -> Path:

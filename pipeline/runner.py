@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline import log
 from pipeline.config import ConfigError, config_hash, dump_yaml, to_dict
 from pipeline.context import ResolvedInput, RunContext
-from pipeline.lock import stage_lock
+from pipeline.lock import clear_partial_writes, stage_lock
 from pipeline.manifest import (
     MANIFEST,
     Manifest,
@@ -104,6 +104,8 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path, *, world: World, force: 
     if world.is_main:
         (stage_dir / MANIFEST).unlink(missing_ok=True)
     _prepare_dir(stage_dir, fp, force, world)
+    if world.is_main and entry.spec.launch != "array":  # the stage lock is ours: no live writer owns a .tmp-*
+        clear_partial_writes(stage_dir)
     if world.is_main:
         dump_yaml({"stage": entry.spec.name, **to_dict(entry.config)}, stage_dir / "config.yaml")
     ctx = RunContext(

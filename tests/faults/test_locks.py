@@ -152,3 +152,14 @@ def test_array_workers_lock_separately(tmp_path):
     with stage_lock(tmp_path, "cache", "array", World(worker=0, num_workers=2), 600) as a, \
             stage_lock(tmp_path, "cache", "array", World(worker=1, num_workers=2), 600) as b:
         assert a.path.name == "cache.worker-0.lock" and b.path.name == "cache.worker-1.lock"
+
+
+def test_lock_holder_clears_what_a_killed_holder_half_wrote(tmp_path):
+    from pipeline.lock import clear_partial_writes
+
+    (tmp_path / "ckpt" / ".tmp-step-3").mkdir(parents=True)
+    (tmp_path / "ckpt" / ".tmp-step-3" / "x.pt").write_text("half")
+    (tmp_path / ".tmp-.mlflow_run_id.k1ll3d_x").write_text("half")
+    (tmp_path / "model.safetensors").write_text("whole")
+    assert clear_partial_writes(tmp_path) == 2  # a half-written folder, a half-written file
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["ckpt", "model.safetensors"]

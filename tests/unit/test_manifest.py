@@ -71,11 +71,3 @@ def test_killed_write_leaves_no_manifest(tmp_path):
     with pytest.raises(ManifestError, match="no manifest"):
         Manifest.load(tmp_path)
 
-
-def test_atomic_write_clears_what_a_killed_writer_left(tmp_path):
-    from pipeline.manifest import atomic_write_text
-
-    (tmp_path / ".tmp-a.json.k1ll3d_x").write_text("half")  # mkstemp's 8 random characters
-    (tmp_path / ".tmp-a.json.bak.k1ll3d_x").write_text("another file's")
-    atomic_write_text(tmp_path / "a.json", "{}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-a.json.bak.k1ll3d_x", "a.json"]
