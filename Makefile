@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup wordnet demo test bench clean
+.PHONY: setup wordnet demo test bench chaos clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ demo: setup wordnet
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The whole fault matrix (every stage x kill points x seeds, rank loss, disk full, lock races, replay, sqlite,
+# property tests with more examples) and its table; docs/faults.md. CHAOS_SEEDS=0,1 for a shorter one.
+chaos: setup
+	$(BIN)/python -m tests.faults.chaos
 
 bench: setup
 	$(BIN)/distill bench --quick --out bench/results.json

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from pipeline import __version__, log, registry
 from pipeline.config import ConfigError
-from pipeline.manifest import ManifestError
+from pipeline.manifest import DiskFull, ManifestError, disk_full
 from pipeline.train.preempt import EXIT_PREEMPTED, Preempted
 from pipeline.world import world_from_env
 
-USER_ERRORS = (ConfigError, ManifestError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ManifestError, FileNotFoundError, DiskFull)
 """Exceptions whose message is the whole story: printed as one line, no traceback."""
 
 
@@ -49,7 +49,8 @@ def cmd_run(args) -> int:
     world = world_from_env(args.worker, args.num_workers)
     _configure_log(world)
     stages = [s for s in (args.stages or "").split(",") if s]
-    run_recipe(recipe, _run_dir(recipe, args.run_dir), stages=stages, world=world, force=args.force)
+    args.writing_to = _run_dir(recipe, args.run_dir)  # named by a full-disk error that names no file
+    run_recipe(recipe, args.writing_to, stages=stages, world=world, force=args.force)
     return 0
 
 
@@ -60,7 +61,8 @@ def cmd_stage(args) -> int:
     recipe = load_stage_file(args.name, args.config, args.overrides)
     world = world_from_env(args.worker, args.num_workers)
     _configure_log(world)
-    run_recipe(recipe, _run_dir(recipe, args.run_dir), stages=[args.name], world=world, force=args.force)
+    args.writing_to = _run_dir(recipe, args.run_dir)
+    run_recipe(recipe, args.writing_to, stages=[args.name], world=world, force=args.force)
     return 0
 
 
@@ -137,6 +139,24 @@ def _extra_commands() -> list:
 
 COMMANDS: list = []
 
+_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00"}
+
+
+def one_line(message: object) -> str:
+    """The message with line breaks (every one `str.splitlines` knows) and NUL escaped: an error stays one
+    line even when it quotes a key or a value holding them."""
+    from pipeline.secrets import scrub
+
+    return scrub(str(message)).translate(_BREAKS)
+
+
+def _rank_lost(err: Exception):
+    if not isinstance(err, RuntimeError) or "torch.distributed" not in sys.modules:  # no process group without it; keep torch out of plain CLI calls
+        return None
+    from pipeline.train.dist import lost_ranks
+
+    return lost_ranks(err)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `distill` console script."""
@@ -145,11 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as err:
-        print(f"distill: error: {err}", file=sys.stderr)
+        print(f"distill: error: {one_line(err)}", file=sys.stderr)
         return 2
     except Preempted as err:
         print(f"distill: preempted: {err} (checkpoint saved; rerun the same command to resume)", file=sys.stderr)
         return EXIT_PREEMPTED
+    except Exception as err:  # a full disk or a lost rank is one line; anything else is a bug: its traceback
+        known = disk_full(err, getattr(args, "writing_to", None)) or _rank_lost(err)
+        if known is None:
+            raise
+        print(f"distill: error: {one_line(known)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("distill: interrupted", file=sys.stderr)
         return 130

@@ -162,7 +162,10 @@ def _coerce(value: Any, tp: Any, path: tuple[str, ...], sources: Sources, origin
         fail()
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond 1.8e308
+                fail("(too large for a float)")
         if isinstance(value, str):
             try:
                 return float(value)  # YAML reads 3e-4 (no dot) as a string
@@ -183,6 +186,9 @@ def _coerce(value: Any, tp: Any, path: tuple[str, ...], sources: Sources, origin
 def build(cls: type, data: dict, sources: Sources | None = None, path: tuple[str, ...] = (), origin_file: str = "config"):
     """Validate `data` into the dataclass `cls`: unknown keys, wrong types and missing fields are ConfigErrors."""
     sources = sources or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_where(sources, path, origin_file)}: {'.'.join(path) or cls.__name__}: expected a "
+                          f"mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
@@ -245,5 +251,6 @@ def config_hash(config: Any) -> str:
 def dump_yaml(data: Any, path: Path) -> None:
     """Write plain data as YAML, atomically."""
     from pipeline.manifest import atomic_write_text
+    from pipeline.secrets import scrub
 
-    atomic_write_text(path, yaml.safe_dump(to_dict(data), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(scrub(to_dict(data)), sort_keys=False))

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
+from pipeline.secrets import scrub
+
 T = TypeVar("T")
 _state = {"quiet": False, "prefix": ""}
 
@@ -22,12 +24,12 @@ def configure(*, quiet: bool = False, prefix: str = "") -> None:
 def info(message: str) -> None:
     """Print one timestamped line to stderr."""
     if not _state["quiet"]:
-        print(f"{time.strftime('%H:%M:%S')} {_state['prefix']}{message}", file=sys.stderr, flush=True)
+        print(f"{time.strftime('%H:%M:%S')} {_state['prefix']}{scrub(message)}", file=sys.stderr, flush=True)
 
 
 def warn(message: str) -> None:
     """Print a warning line, even on quiet processes."""
-    print(f"{time.strftime('%H:%M:%S')} {_state['prefix']}warning: {message}", file=sys.stderr, flush=True)
+    print(f"{time.strftime('%H:%M:%S')} {_state['prefix']}warning: {scrub(message)}", file=sys.stderr, flush=True)
 
 
 LINE_EVERY_S = 30.0

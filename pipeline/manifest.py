@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,55 @@ MANIFEST = "manifest.json"
 
 class ManifestError(Exception):
     """A manifest or a file it lists is missing, unreadable or does not match its recorded hash."""
+
+
+FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EFBIG: "file size limit reached"}
+"""errno values that mean the disk (or a quota or `ulimit -f`) is full."""
+_FULL_TEXT = ("no space left on device", "disk quota exceeded", "file too large", "database or disk is full",
+              "file write failed")  # torch.save and sqlite wrap the OSError in their own errors
+
+
+class DiskFull(OSError):
+    """A write failed for want of room: names the path and the free space left."""
+
+    def __init__(self, path: Path, reason: str):
+        self.message = f"{path}: {reason} ({_free(Path(path))}); make room or use another --run-dir, then rerun " \
+                       "the same command (finished work is kept)"
+        super().__init__(errno.ENOSPC, self.message, str(path))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _free(path: Path) -> str:
+    for where in (path, *path.parents):
+        if where.exists():
+            try:
+                free = shutil.disk_usage(where).free
+            except OSError:
+                break
+            return f"{free / 1e6:.1f} MB free on {where}"
+    return "free space unknown"
+
+
+def disk_full(err: BaseException, path: Path | None = None) -> DiskFull | None:
+    """`err` as a DiskFull naming the file it names (else `path`), or None if it is not a full disk.
+
+    Looks through the exception chain: torch.save, safetensors and sqlite raise their own error types.
+    """
+    seen = err
+    while seen is not None:
+        if isinstance(seen, DiskFull):
+            return seen
+        reason = FULL_ERRNOS.get(getattr(seen, "errno", None))
+        if reason is None and any(text in str(seen).lower() for text in _FULL_TEXT):
+            reason = "no space left on device"
+        if reason is not None:
+            where = getattr(seen, "filename", None) or path
+            return DiskFull(Path(where) if where else Path.cwd(), reason)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -57,8 +108,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as err:
         tmp_path.unlink(missing_ok=True)
+        full = disk_full(err, path) if isinstance(err, OSError) and not isinstance(err, DiskFull) else None
+        if full is not None:
+            raise full from None
         raise
 
 
@@ -115,6 +169,9 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     started: str = ""
     finished: str = ""
+    digest: str = ""
+    """sha256 of the manifest's own canonical JSON (this field left empty): a flipped byte that still parses
+    (a metric, a count, a path) is caught on load, not trusted."""
 
     def totals(self) -> dict[str, int]:
         """Bytes and item counts summed over the outputs."""
@@ -125,8 +182,12 @@ class Manifest:
         return total
 
     def to_json(self) -> str:
-        """Canonical JSON text of the manifest."""
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        """Canonical JSON text of the manifest, with its digest."""
+        from pipeline.secrets import scrub
+
+        data = {**scrub(dataclasses.asdict(self)), "digest": ""}
+        data["digest"] = _digest(data)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def write(self, stage_dir: Path) -> Path:
         """Write `manifest.json` atomically; call this last, after every output is in place."""
@@ -144,10 +205,13 @@ class Manifest:
             raise ManifestError(f"{path}: no manifest (the stage has not finished there; run it first)")
         try:
             data = json.loads(path.read_text())
+            if data.get("digest") and _digest({**data, "digest": ""}) != data["digest"]:
+                raise ManifestError(f"{path}: corrupt manifest (its digest does not match its content: altered "
+                                    "after it was written); rerun the stage with --force")
             data["inputs"] = [InputRef(**i) for i in data.get("inputs", [])]
             data["outputs"] = [OutputFile(**o) for o in data.get("outputs", [])]
             return cls(**data)
-        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as err:  # a flipped byte, a cut
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, AttributeError) as err:  # a flip, a cut
             raise ManifestError(f"{path}: corrupt manifest ({err}); rerun the stage with --force") from None
 
     def verify(self, stage_dir: Path) -> None:
@@ -160,6 +224,10 @@ class Manifest:
                 raise ManifestError(f"{full}: size {full.stat().st_size} != {out.bytes} in the manifest (truncated or altered)")
             if sha256_file(full) != out.sha256:
                 raise ManifestError(f"{full}: sha256 does not match the manifest (altered or corrupt)")
+
+
+def _digest(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, indent=2, sort_keys=True).encode()).hexdigest()
 
 
 def manifest_sha256(stage_dir: Path) -> str:

@@ -29,6 +29,13 @@ class RunSection:
     """Seed from which stages derive theirs."""
     run_dir: str | None = None
     """Where stage outputs go; the CLI's --run-dir wins."""
+    lock_lease_s: float = 600.0
+    """A stage lock held from another host is taken over once its heartbeat is older than this (seconds);
+    allow for clock skew between nodes. On the same host a dead pid frees the lock at once."""
+
+    def __post_init__(self):
+        if not 10 <= self.lock_lease_s <= 86400:
+            raise ValueError(f"lock_lease_s must be between 10 and 86400 seconds, got {self.lock_lease_s}")
 
 
 @dataclass(kw_only=True)
@@ -125,9 +132,13 @@ def parse(tree: dict, sources: Sources, origin: str) -> Recipe:
         raise ConfigError(f"{sources.get(('stages',), origin)}: stages: expected a mapping of stage name -> config")
     stages = {}
     for name, body in stages_tree.items():
-        body = dict(body or {})
         where = sources.get(("stages", name), origin)
+        if not isinstance(body, (dict, type(None))):
+            raise ConfigError(f"{where}: stages.{name}: expected a mapping of config keys, got {body!r}")
+        body = dict(body or {})
         stage_type = body.pop("stage", name)
+        if not isinstance(stage_type, str):
+            raise ConfigError(f"{where}: stages.{name}.stage: expected a stage type name, got {stage_type!r}")
         try:
             spec = registry.get(stage_type)
         except ConfigError as err:

@@ -12,11 +12,13 @@ from pathlib import Path
 from pipeline import log
 from pipeline.config import ConfigError, config_hash, dump_yaml, to_dict
 from pipeline.context import ResolvedInput, RunContext
+from pipeline.lock import clear_partial_writes, stage_lock
 from pipeline.manifest import (
     MANIFEST,
     Manifest,
     ManifestError,
     atomic_write_text,
+    disk_full,
     manifest_sha256,
 )
 from pipeline.provenance import git_commit
@@ -119,6 +121,8 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path, *, world: World, force: 
             return existing
     (stage_dir / MANIFEST).unlink(missing_ok=True)  # stale (or --force): the stage is not done
     _prepare_dir(stage_dir, fp, force, world)
+    if world.is_main and entry.spec.launch != "array":  # the stage lock is ours: no live writer owns a .tmp-*
+        clear_partial_writes(stage_dir)
     if world.rank == 0:  # every array worker writes the same file: whichever starts first leaves it
         dump_yaml({"stage": entry.spec.name, **to_dict(entry.config)}, stage_dir / "config.yaml")
     ctx = RunContext(
@@ -129,8 +133,10 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path, *, world: World, force: 
     tracker.start_stage(name, stage_dir, to_dict(entry.config), list(inputs.values()))
     try:
         manifest = entry.spec.run(entry.config, ctx)
-    except BaseException:
+    except BaseException as err:
         tracker.end_stage(None, status="FAILED")
+        if (full := disk_full(err, stage_dir)) is not None:  # libraries' own errors name no file: name the stage
+            raise full from None
         raise
     writes = entry.spec.launch == "array" or world.rank == 0
     if manifest is not None and writes:
@@ -163,7 +169,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, stages: list[str] | None = None
     status = "FAILED"
     try:
         for name in names:
-            results[name] = run_stage(recipe, name, run_dir, world=world, force=force, tracker=tracker)
+            with stage_lock(run_dir, name, recipe.stages[name].spec.launch, world, recipe.run.lock_lease_s):
+                results[name] = run_stage(recipe, name, run_dir, world=world, force=force, tracker=tracker)
             if results[name] is None:
                 log.info(f"stopping after {name}: later stages need it complete")
                 break

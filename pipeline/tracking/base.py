@@ -23,10 +23,15 @@ class TrackingConfig:
     """When the server cannot be reached: fail (True) or buffer metrics to a file and go on (False)."""
     timeout_s: float = 10.0
     """How long to try reaching a tracking server before giving up."""
+    locked_retry_s: float = 60.0
+    """How long to keep retrying, with backoff, a call refused with "database is locked" (another run writing
+    the same sqlite store) before failing with advice to run a tracking server."""
 
     def __post_init__(self):
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if not 0 <= self.locked_retry_s <= 3600:
+            raise ValueError(f"locked_retry_s must be between 0 and 3600, got {self.locked_retry_s}")
 
 
 class NullTracker:

@@ -22,6 +22,7 @@ from pipeline import log
 from pipeline.config import ConfigError
 from pipeline.manifest import MANIFEST, Manifest, atomic_write_text, manifest_sha256
 from pipeline.provenance import git_commit
+from pipeline.secrets import scrub
 from pipeline.tracking.base import NullTracker, TrackingConfig
 from pipeline.tracking.lineage import (
     RUN_ID_FILE,
@@ -30,7 +31,7 @@ from pipeline.tracking.lineage import (
     read_run_id,
 )
 from pipeline.tracking.plots import log_stage_plots
-from pipeline.tracking.store import StoreUnreachable, connect, store_uri
+from pipeline.tracking.store import StoreLocked, StoreUnreachable, connect, retry_locked, store_uri
 
 BUFFER = "mlflow_buffer.jsonl"
 """Journal of tracker calls made while the server was unreachable."""
@@ -81,10 +82,18 @@ class MlflowTracker(NullTracker):
         self.stage_dir: Path | None = None
         self._pipeline_args: dict | None = None
         self._stage_args: dict | None = None
+        self._replaying = False
         problem = None
         try:
-            self.client = connect(self.uri, config.timeout_s)
-            self.experiment_id = self._experiment()
+            def open_store():
+                self.client = connect(self.uri, config.timeout_s)
+                return self._experiment()
+
+            self.experiment_id = retry_locked(open_store, self.uri, config.locked_retry_s, "opening the experiment")
+        except StoreLocked as err:
+            if config.required:
+                raise
+            problem, self.client = str(err), None
         except StoreUnreachable:
             problem, self.client = f"no answer within {config.timeout_s:g} s", None
         except Exception as err:  # noqa: BLE001 - a bad store (auth, permissions) reads like a dead one
@@ -105,7 +114,13 @@ class MlflowTracker(NullTracker):
         location = None
         if self.uri.startswith("sqlite:///"):
             location = (self.run_dir.resolve() / "mlartifacts").as_uri()
-        return self.client.create_experiment(self.config.experiment, artifact_location=location)
+        try:
+            return self.client.create_experiment(self.config.experiment, artifact_location=location)
+        except Exception:  # noqa: BLE001 - another run sharing the store created it first
+            found = self.client.get_experiment_by_name(self.config.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
 
     # -- offline journal ---------------------------------------------------------------------------------
 
@@ -113,32 +128,57 @@ class MlflowTracker(NullTracker):
         args.setdefault("time_ms", int(time.time() * 1000))
         self.buffer.parent.mkdir(parents=True, exist_ok=True)
         with open(self.buffer, "a") as handle:
-            handle.write(json.dumps({"op": op, **args}, default=str) + "\n")
+            handle.write(json.dumps(scrub({"op": op, **args}), default=str) + "\n")
 
     def replay(self) -> int:
-        """Send a journal left by an offline run to the (now reachable) server; return how many calls were sent."""
+        """Send a journal left by an offline run to the (now reachable) server; return how many calls were sent.
+
+        Exactly once, however often a replay is interrupted: `mlflow_buffer.jsonl.sent` records how many
+        journal lines have been sent, written after each one; a later replay skips those, re-entering the runs
+        they opened from the id files. A call cut off between sending and recording is sent again with the
+        same timestamps, which the store keeps once (a metric is keyed by name, step, time and value; params,
+        tags and artifacts are set, not added).
+        """
         path = self.run_dir / BUFFER
         if self.client is None or not path.is_file():
             return 0
-        # Move the journal aside first: replaying calls start_pipeline, which must not replay it again.
-        replaying = path.with_name(f"{BUFFER}.replaying")
-        os.replace(path, replaying)
+        progress = path.with_name(f"{BUFFER}.sent")
+        done = int(progress.read_text() or 0) if progress.is_file() else 0
+        events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self._replaying = True  # a failing call raises (the journal stays) instead of journaling itself
         try:
-            events = [json.loads(line) for line in replaying.read_text().splitlines() if line.strip()]
-            for event in events:
+            for index, event in enumerate(events):
                 op = event.pop("op")
-                if op == "end_stage":
+                if index < done:
+                    self._restore(op, event)
+                elif op == "end_stage":
                     stage_dir = Path(event["stage_dir"])
                     manifest = Manifest.load(stage_dir) if (stage_dir / MANIFEST).is_file() else None
-                    self.end_stage(manifest, event["status"])
+                    self.end_stage(manifest, event["status"], time_ms=event.get("time_ms"))
                 else:
                     getattr(self, op)(**event)
-        except BaseException:
-            os.replace(replaying, path)  # try again later; runs reopen through their id files
-            raise
-        os.replace(replaying, path.with_name(f"{BUFFER}.replayed-{int(time.time())}"))
-        log.info(f"replayed {len(events)} buffered tracking calls to {self.uri}")
-        return len(events)
+                if index >= done:
+                    atomic_write_text(progress, f"{index + 1}\n")
+        finally:
+            self._replaying = False
+        os.replace(path, path.with_name(f"{BUFFER}.replayed-{int(time.time())}"))
+        progress.unlink(missing_ok=True)
+        log.info(f"replayed {len(events) - done} buffered tracking calls to {self.uri}"
+                 + (f" ({done} sent by an earlier, interrupted replay)" if done else ""))
+        return len(events) - done
+
+    def _restore(self, op: str, event: dict) -> None:
+        """Re-enter the state an already-sent journal call left, without sending it again."""
+        if op == "start_pipeline":
+            self._pipeline_args = {k: event[k] for k in ("name", "run_dir", "config")}
+            self.parent = read_run_id(Path(event["run_dir"]))
+        elif op == "start_stage":
+            self._stage_args = {k: event[k] for k in ("name", "stage_dir", "config", "inputs")}
+            self.stage_dir, self.stage_run = Path(event["stage_dir"]), read_run_id(Path(event["stage_dir"]))
+        elif op == "end_stage":
+            self.stage_run, self._stage_args = None, None
+        elif op == "end_pipeline":
+            self._pipeline_args = None
 
     # -- online helpers ----------------------------------------------------------------------------------
 
@@ -151,9 +191,13 @@ class MlflowTracker(NullTracker):
         """
         if self.buffer is None:
             try:
-                return online()
+                return retry_locked(online, self.uri, self.config.locked_retry_s, op)
             except Exception as err:  # noqa: BLE001 - any store error is reported the same way
+                if self._replaying:
+                    raise
                 reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+                if isinstance(err, StoreLocked) and self.config.required:
+                    raise
                 if self.config.required:
                     raise ConfigError(f"tracking.uri {self.uri}: {op} failed: {reason}") from None
                 self.buffer = self.run_dir / BUFFER
@@ -182,7 +226,7 @@ class MlflowTracker(NullTracker):
         run_id = self._reopen(id_file)
         if run_id is not None:
             return run_id, True
-        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=scrub(tags)).info.run_id
         atomic_write_text(id_file, run_id + "\n")
         return run_id, False
 
@@ -191,7 +235,7 @@ class MlflowTracker(NullTracker):
 
         # A resumed run keeps the params it has; MLflow refuses to change a logged param.
         have = self.client.get_run(run_id).data.params
-        fresh = [Param(k, str(v)) for k, v in flatten(params).items() if k not in have]
+        fresh = [Param(k, str(v)) for k, v in scrub(flatten(params)).items() if k not in have]
         for start in range(0, len(fresh), 100):
             self.client.log_batch(run_id, params=fresh[start:start + 100])
 
@@ -208,7 +252,7 @@ class MlflowTracker(NullTracker):
 
     def start_pipeline(self, name: str, run_dir: Path, config: dict[str, Any], time_ms: int | None = None) -> None:
         """Open (or reopen) the run directory's parent run, after replaying any offline journal."""
-        if self.buffer is None and self.client is not None:
+        if self.buffer is None and self.client is not None and not self._replaying:
             try:
                 self.replay()
             except Exception as err:  # noqa: BLE001 - the journal is kept for the next try
@@ -260,24 +304,25 @@ class MlflowTracker(NullTracker):
 
         self._call("start_stage", dict(self._stage_args), start)
 
-    def end_stage(self, manifest: Any, status: str = "FINISHED") -> None:
+    def end_stage(self, manifest: Any, status: str = "FINISHED", time_ms: int | None = None) -> None:
         """Attach the manifest, its metrics, the model (in full) and plots; close the stage's run."""
+        stamp = time_ms or int(time.time() * 1000)  # journaled, so a replayed call logs the same metric points
 
         def finish():
             if self.stage_run is None:
                 return
             if manifest is not None:
-                self._finish(manifest)
+                self._finish(manifest, stamp)
             if status != "RUNNING":
-                self.client.set_terminated(self.stage_run, status)
+                self.client.set_terminated(self.stage_run, status, end_time=stamp)
 
-        self._call("end_stage", {"stage_dir": str(self.stage_dir), "status": status}, finish)
+        self._call("end_stage", {"stage_dir": str(self.stage_dir), "status": status, "time_ms": stamp}, finish)
         self.stage_run, self._stage_args = None, None
 
-    def _finish(self, manifest: Manifest) -> None:
+    def _finish(self, manifest: Manifest, stamp: int) -> None:
         stage_dir = self.stage_dir
         run_id = self.stage_run
-        self._log_metrics(manifest.metrics, None)
+        self._log_metrics(manifest.metrics, None, stamp)
         totals = manifest.totals()
         # Large outputs stay where they are: the run records where and which (URI + manifest hash).
         self.client.set_tag(run_id, "distill.output.uri", stage_dir.resolve().as_uri())
@@ -318,6 +363,7 @@ class MlflowTracker(NullTracker):
 
     def set_tags(self, tags: dict[str, str], time_ms: int | None = None) -> None:
         """Tag the current stage's run."""
+        tags = scrub(tags)
         self._call("set_tags", {"tags": tags},
                    lambda: self._current() and [self.client.set_tag(self._current(), k, str(v)) for k, v in tags.items()])
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.manifest import MANIFEST, Manifest, manifest_sha256
+from pipeline.secrets import scrub
 from pipeline.tracking.lineage import lineage_chain, read_run_id
 from pipeline.tracking.promote import promote
 
@@ -82,7 +83,7 @@ class ModelRegistry:
         except Exception:  # noqa: BLE001 - it exists already; a real store error shows up on the next call
             pass
         version = self._client.create_model_version(
-            name, source=f"runs:/{run_id}/{model_dir}", run_id=run_id, tags={**tags, REGISTERED_BY: key},
+            name, source=f"runs:/{run_id}/{model_dir}", run_id=run_id, tags={**scrub(tags), REGISTERED_BY: key},
             description=description)
         return version, True
 

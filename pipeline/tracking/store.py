@@ -14,7 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import log
 from pipeline.config import ConfigError
+from pipeline.secrets import scrub
 
 
 class StoreUnreachable(ConfigError):
@@ -93,9 +95,53 @@ def prepare_sqlite(uri: str) -> None:
     shutil.copyfile(template, db)
 
 
+class StoreLocked(ConfigError):
+    """A sqlite store stayed locked by another writer past the retry budget; the message advises a server."""
+
+
+def _is_locked(err: BaseException) -> bool:
+    while err is not None:
+        if "database is locked" in str(err) or "database table is locked" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def retry_locked(call, uri: str, budget_s: float, what: str = "tracking call"):
+    """`call()`, retried with exponential backoff (0.1 s doubling, at most 5 s a wait) while sqlite answers
+    "database is locked", for at most `budget_s`; then StoreLocked advising a tracking server.
+
+    sqlite lets one writer in at a time and makes others wait only its busy timeout (5 s in Python); two
+    runs sharing one file (a team's default before it has a server) collide on long transactions.
+    """
+    started, wait, tries = time.monotonic(), 0.1, 0
+    while True:
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - only the lock error is retried; others go up unchanged
+            if not _is_locked(err):
+                raise
+            tries += 1
+            left = budget_s - (time.monotonic() - started)
+            if left <= 0:
+                db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri
+                raise StoreLocked(
+                    f"tracking store {uri}: {what} failed: database is locked after {tries} tries over "
+                    f"{time.monotonic() - started:.0f} s (another run is writing it); runs that share a store "
+                    f"need a tracking server: `mlflow server --backend-store-uri sqlite:///{db}` and tracking.uri: "
+                    "http://HOST:5000") from None
+            if tries == 1:
+                log.warn(f"tracking store {uri}: database is locked (another run is writing it); retrying {what} "
+                         f"for up to {budget_s:g} s")
+            time.sleep(min(wait, left))
+            wait = min(wait * 2, 5.0)
+
+
 def connect(uri: str, timeout_s: float):
     """An MlflowClient for `uri`, after bounding retries and probing a server; StoreUnreachable if it is silent."""
     bound_retries(timeout_s)
+    if scrub(uri) != uri:  # MLflow prints "View run at: URI..." to stdout, password and all
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if not reachable(uri, timeout_s):
         raise StoreUnreachable(f"tracking server {uri}: no answer within {timeout_s:g} s")
     from mlflow import MlflowClient

@@ -7,6 +7,9 @@ collectives below, which return their input unchanged when there is one process.
 from __future__ import annotations
 
 import os
+import re
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,13 +27,23 @@ def backend(device: torch.device | None = None) -> str:
     return "cpu:gloo,cuda:gloo" if shared else "cpu:gloo,cuda:nccl"
 
 
-def init(world: World, *, device: torch.device | None = None, need_group: bool = False, **options) -> None:
+TIMEOUT_S = 600.0
+"""How long a collective waits for the other ranks by default before it fails (torch's own default: 30 min)."""
+
+
+class RankLost(RuntimeError):
+    """A collective failed because another rank died or stopped answering; the message names it."""
+
+
+def init(world: World, *, device: torch.device | None = None, need_group: bool = False, timeout_s: float = TIMEOUT_S,
+         **options) -> None:
     """Join the process group torchrun set up (env://); at world size 1 make a private one only if `need_group`.
 
     `device` is the process's training device: a CUDA one is made current first (NCCL binds to it) and gets
-    the nccl backend beside gloo. DeepSpeed wants a process group even for one process, so the engine asks
+    the nccl backend beside gloo. Every collective fails after `timeout_s` if a rank does not join it, so a
+    dead rank cannot hang the others. DeepSpeed wants a process group even for one process, so the engine asks
     for one; a one-process group uses an in-memory store, so no port is opened and parallel test processes
-    cannot collide. `options` go to `init_process_group` as they are (e.g. `timeout`).
+    cannot collide. `options` go to `init_process_group` as they are.
     """
     if dist.is_initialized():
         return
@@ -41,9 +54,40 @@ def init(world: World, *, device: torch.device | None = None, need_group: bool =
         os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
     if world.world_size > 1:
         dist.init_process_group(backend(device), init_method="env://", rank=world.rank, world_size=world.world_size,
-                                **options)
+                                timeout=timedelta(seconds=timeout_s), **options)
     elif need_group:
         dist.init_process_group(backend(device), store=dist.HashStore(), rank=0, world_size=1, **options)
+
+
+def lost_ranks(err: BaseException, wait_s: float = 3.0) -> RankLost | None:
+    """After a failed collective: which ranks are gone, as a RankLost naming them; None if `err` is not that.
+
+    The survivors check in through the rendezvous store and wait `wait_s` for each other; a rank that does not
+    check in is lost. When the store itself is unreachable, its host (rank 0, which serves it) is the lost one.
+    """
+    text = str(err).strip()
+    transport = isinstance(err, dist.DistError) or re.search(r"gloo|nccl|connection|timed? ?out", text, re.I)
+    if not active() or isinstance(err, RankLost) or not transport:
+        return None
+    rank, size = dist.get_rank(), dist.get_world_size()
+    # "[.../gloo/transport/tcp/pair.cc:537] Read error ...: Connection reset by peer. This is typically ..."
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(err).__name__).split(". ")[0][:160]
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"distill/alive/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r in range(size) if r != rank and not store.check([f"distill/alive/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - the store lives on rank 0: unreachable means rank 0 is gone
+        missing = [0] if rank != 0 else []
+    if not missing:
+        return None
+    names = ", ".join(str(r) for r in missing)
+    return RankLost(f"rank {names} of {size} lost (it died or stopped answering; this is rank {rank}: {reason}); "
+                    "rerun the same command to resume from the last complete checkpoint")
 
 
 def active() -> bool:

@@ -287,10 +287,10 @@ def build_engine(model: torch.nn.Module, *, settings: EngineSettings, world: Wor
     if settings.backend == "torch":
         if settings.zero_stage or settings.offload_optimizer:
             raise ConfigError("zero_stage and offload_optimizer need engine: deepspeed")
-        dist.init(world, device=settings.device)
+        dist.init(world, device=settings.device, timeout_s=settings.collective_timeout_s)
         return TorchEngine(model, settings=settings, world=world)
     config = deepspeed_json(settings, world.world_size)  # conflicts fail here, before any compute
-    dist.init(world, device=settings.device, need_group=True)
+    dist.init(world, device=settings.device, need_group=True, timeout_s=settings.collective_timeout_s)
     return DeepSpeedEngine(model, settings=settings, world=world, config=config)
 
 

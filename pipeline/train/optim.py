@@ -69,6 +69,8 @@ class EngineSettings:
     """Where the trained module, its batches and autocast live (resolved by pipeline.train.device)."""
     compile: bool = False
     activation_checkpointing: bool = False
+    collective_timeout_s: float = 600.0
+    """Seconds a collective waits for the other ranks before the run stops naming the lost one."""
 
     def schedule_lr(self, step: int) -> float:
         """The learning rate at optimizer step `step`."""
@@ -120,6 +122,9 @@ class TrainConfig:
     """auto: continue from the newest complete checkpoint of this stage; none: start over."""
     log_every: int = field(default=10, metadata={"hash": False})
     """Optimizer steps between progress lines (and the host syncs and reductions they need)."""
+    collective_timeout_s: float = field(default=600.0, metadata={"hash": False})
+    """Seconds a rank waits in a collective for the others; past it (or at once when a rank dies) the run
+    stops with one line naming the lost rank, and a rerun resumes from the last complete checkpoint."""
     die_after_steps: int | None = field(default=None, metadata={"hash": False})
     """Test hook: SIGKILL this process after this many optimizer steps."""
     preempt_at_step: int | None = field(default=None, metadata={"hash": False})
@@ -147,6 +152,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if not 1 <= self.collective_timeout_s <= 86400:
+            raise ValueError(f"collective_timeout_s must be between 1 and 86400, got {self.collective_timeout_s}")
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps of a run of `total_steps`."""
@@ -165,4 +172,5 @@ class TrainConfig:
             micro_batch_size=micro_batch_size, grad_accum=self.grad_accum, clip_norm=self.clip_norm,
             precision=devices.precision(self.precision, where), zero_stage=self.zero_stage,
             offload_optimizer=self.offload_optimizer, deepspeed_config=self.deepspeed_config, device=where,
-            compile=self.compile, activation_checkpointing=self.activation_checkpointing)
+            compile=self.compile, activation_checkpointing=self.activation_checkpointing,
+            collective_timeout_s=self.collective_timeout_s)

@@ -12,6 +12,7 @@ import json
 from pipeline import log
 from pipeline.config import ConfigError
 from pipeline.manifest import OutputFile, atomic_write_text
+from pipeline.secrets import scrub
 
 LAUNCH = "single"
 
@@ -67,7 +68,7 @@ def run(config: Config, ctx):
     """Write summary.json (here and in the run directory) and print the table."""
     registered = ctx.input_manifest("register").extra if "register" in ctx.inputs else None
     general = ctx.input_manifest("general").metrics if "general" in ctx.inputs else None
-    uri = getattr(ctx.tracker, "uri", None)
+    uri = scrub(getattr(ctx.tracker, "uri", None))
     summary = summarise(ctx.input_manifest("task").metrics, registered, general, uri)
     text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
     atomic_write_text(ctx.stage_dir / "summary.json", text)

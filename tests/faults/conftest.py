@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fixtures.faults import build_inputs
+from tests.fixtures.faults import EXTRA_STAGES, build_inputs
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +18,16 @@ def pipeline_run(tmp_path_factory):
     reference = root / "reference"
     run_recipe(load_recipe(recipe), reference)
     return recipe, reference
+
+
+@pytest.fixture(scope="session")
+def extra_run(pipeline_run):
+    """(recipe, reference run dir) with teacher_adapt, teacher_finetune, augment, register and report finished
+    too (tracked in the reference's sqlite store: register needs one)."""
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import run_recipe
+
+    recipe, reference = pipeline_run
+    extra = recipe.with_name("extra.yaml")
+    run_recipe(load_recipe(extra), reference, stages=list(EXTRA_STAGES))
+    return extra, reference

@@ -70,3 +70,4 @@ def test_killed_write_leaves_no_manifest(tmp_path):
     assert all(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
     with pytest.raises(ManifestError, match="no manifest"):
         Manifest.load(tmp_path)
+
