@@ -63,11 +63,15 @@ class ModelRegistry:
         return run_id
 
     def find(self, name: str, key: str):
-        """The version of `name` registered under `key`, or None."""
+        """The version of `name` registered under `key`, or None (only when the store says there is none: any
+        other store error propagates, since guessing "none" would register a duplicate)."""
         try:
-            found = self._client.search_model_versions(f"name='{name}' and tags.`{REGISTERED_BY}` = '{key}'")
-        except Exception:  # noqa: BLE001 - no such model yet
-            return None
+            self._client.get_registered_model(name)
+        except Exception as err:  # noqa: BLE001 - MlflowException carries the reason as an error code
+            if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        found = [v for v in self._client.search_model_versions(f"name='{name}'") if v.tags.get(REGISTERED_BY) == key]
         return min(found, key=lambda v: int(v.version)) if found else None
 
     def register(self, name: str, stage_dir: Path, model_dir: str, key: str, tags: dict[str, str],

@@ -17,7 +17,7 @@ import signal
 from pipeline import log
 from pipeline.config import ConfigError
 from pipeline.manifest import OutputFile, atomic_write_text
-from pipeline.tracking.lineage import lineage_chain, read_run_id
+from pipeline.tracking.lineage import lineage_chain
 from pipeline.tracking.models import version_tags
 from pipeline.tracking.promote import PromotionRefused
 
@@ -40,8 +40,9 @@ def run(config: Config, ctx):
                           "teacher_finetune or task")
     chain = lineage_chain(ctx.input_dir("model"))
     tags = version_tags(ctx.input_dir("model"))
-    # This stage's own run id survives a kill (its .mlflow_run_id), so a rerun finds the version it made.
-    key = f"run:{read_run_id(ctx.stage_dir)}"
+    # The stage directory and the manifest of the model it registers: the same on any rerun after a kill, even
+    # one whose tracking run could not be reopened, so a rerun finds the version it made.
+    key = f"stage:{ctx.stage_dir.resolve()}:{ctx.inputs['model'].sha256}"
     version, created = registry.register(config.name, ctx.input_dir("model"), model_dir, key, tags,
                                          config.description or None)
     run_id = version.run_id

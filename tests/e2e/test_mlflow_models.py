@@ -202,6 +202,9 @@ def test_register_killed_after_its_version_reruns_to_one_version(run, store):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (run_dir / "register_again/manifest.json").exists()
     assert len(store.search_model_versions("name='killed-student'")) == 1
+    # The rerun finds its version by the stage and the model it registers, not by a tracking run it may fail to
+    # reopen: without the stage's run id file it opens a new run and must still not add a version.
+    (run_dir / "register_again" / ".mlflow_run_id").unlink()
     rerun = run_cli(*args)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "registered by an earlier attempt" in rerun.stderr
