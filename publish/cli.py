@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,9 +36,24 @@ def cmd_predict(args) -> int:
         import mlflow
 
         uri, _ = _store(args)
+        # MLflow resolves models:/ through its global URIs (and copies them into os.environ): set them for the
+        # load only, and leave the caller's process as it was, or its later runs would track into this store.
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        had_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-    model = predict.load(args.model)
+        try:
+            model = predict.load(args.model)
+        finally:
+            mlflow.set_tracking_uri(had_uri)
+            mlflow.set_registry_uri(None)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    else:
+        model = predict.load(args.model)
     if args.input == "-":
         lines = sys.stdin.readlines()
     else:

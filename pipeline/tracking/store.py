@@ -147,4 +147,5 @@ def connect(uri: str, timeout_s: float):
     from mlflow import MlflowClient
 
     prepare_sqlite(uri)
-    return MlflowClient(uri)
+    # The registry is this store too: never a registry URI set globally elsewhere in the process.
+    return MlflowClient(uri, registry_uri=uri)

@@ -83,10 +83,12 @@ def store(run, monkeypatch):
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", run[2])
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", run[2])  # restored after the test, like the tracking URI
     mlflow.set_tracking_uri(run[2])
     mlflow.set_registry_uri(run[2])
     yield MlflowClient(run[2])
     mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)  # a registry URI left set would send later tests' registrations here
 
 
 def our_labels(model_dir, texts) -> list[str]:

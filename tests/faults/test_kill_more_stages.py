@@ -77,7 +77,8 @@ def test_kill_9_then_rerun_matches_uninterrupted(extra_run, tmp_path, capsys, st
     elif stage == "augment":
         assert manifest_outputs(stage_dir) == manifest_outputs(reference / stage), f"outputs differ after {point}"
     elif stage == "register":
-        versions = MlflowClient(sqlite_uri(run_dir)).search_model_versions("name='faults-teacher'")
+        uri = sqlite_uri(run_dir)
+        versions = MlflowClient(uri, registry_uri=uri).search_model_versions("name='faults-teacher'")
         assert len(versions) == 1, f"{len(versions)} versions registered after a kill and a rerun"
         assert json.loads((stage_dir / "registered.json").read_text())["version"] == "1"
     else:
