@@ -7,6 +7,7 @@ import fcntl
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 from pipeline import log
@@ -63,20 +64,38 @@ _IN_PROCESS: dict[str, threading.Lock] = {}
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path):
+def exclusive_lock(path: Path, timeout_s: float | None = None, what: str = "another worker holds it"):
     """Hold an exclusive POSIX lock on `path` (created if missing) for the block; other processes wait.
 
     The kernel drops the lock when its holder dies, so a killed worker never leaves it held. POSIX (fcntl)
-    locks also work across the nodes of an NFS, CephFS or Lustre (-o flock) shared volume.
+    locks also work across the nodes of an NFS, CephFS or Lustre (-o flock) shared volume. With `timeout_s`,
+    waiting longer is a ConfigError naming the lock file and `what` its holder is doing.
     """
+    def refuse():
+        raise ConfigError(f"{path}: {what} for over {timeout_s:.0f} s")
+
     path.parent.mkdir(parents=True, exist_ok=True)
     # POSIX locks belong to a process: workers run as threads of one process also take a thread lock.
-    with _IN_PROCESS.setdefault(str(path.resolve()), threading.Lock()), open(path, "a") as handle:
-        fcntl.lockf(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
+    local = _IN_PROCESS.setdefault(str(path.resolve()), threading.Lock())
+    if not local.acquire(timeout=-1 if timeout_s is None else timeout_s):
+        refuse()
+    try:
+        with open(path, "a") as handle:
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.lockf(handle, fcntl.LOCK_EX if deadline is None else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        refuse()
+                    time.sleep(0.5)
+            try:
+                yield
+            finally:
+                fcntl.lockf(handle, fcntl.LOCK_UN)
+    finally:
+        local.release()
 
 
 def _prepare_dir(stage_dir: Path, fp: dict, force: bool, world: World) -> None:

@@ -31,7 +31,13 @@ from pipeline.tracking.lineage import (
     read_run_id,
 )
 from pipeline.tracking.plots import log_stage_plots
-from pipeline.tracking.store import StoreLocked, StoreUnreachable, connect, retry_locked, store_uri
+from pipeline.tracking.store import (
+    StoreLocked,
+    StoreUnreachable,
+    connect,
+    retry_locked,
+    store_uri,
+)
 
 BUFFER = "mlflow_buffer.jsonl"
 """Journal of tracker calls made while the server was unreachable."""

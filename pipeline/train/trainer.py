@@ -128,7 +128,7 @@ def fit(engine, config, *, total: int, next_batch: Callable[[], dict], loss: Cal
             preempted = _stop_requested(config, step_offset + step)
             if preempted or (config.checkpoint_every and step % config.checkpoint_every == 0) or \
                     (save_final and step == total):
-                step_metrics = {loss_metric: float(parts["total"].detach()) if hasattr(parts["total"], "detach") else float(parts["total"]), **{k.replace("/", "_"): v for k, v in metrics.items()}}
+                step_metrics = {loss_metric: float(parts["total"].detach()), **{k.replace("/", "_"): v for k, v in metrics.items()}}
                 checkpoint.save(root, step_offset + step, engine, state(), world, keep_last=config.keep_last,
                                 meta={"metrics": step_metrics}, tensors=tensors() if tensors is not None else None)
             if preempted:

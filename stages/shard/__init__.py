@@ -13,11 +13,9 @@ number of documents, so their sample counts differ slightly (each is recorded in
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from pipeline import log
 from pipeline.assets import resolve_asset
 from pipeline.config import ConfigError
 from pipeline.manifest import ManifestError, OutputFile, atomic_write_text, sha256_file
+from pipeline.runner import exclusive_lock
 from stages.shard import scan
 from stages.shard.packing import pack_pairs, pack_plain
 from stages.shard.sources import CleaningStats, documents, expand_inputs, plan_pieces
@@ -59,46 +58,12 @@ def _input_files(config: Config, ctx) -> list[Path]:
     return expand_inputs([str(base / pattern) for pattern in config.inputs])
 
 
-_IN_PROCESS: dict[str, threading.Lock] = {}
-"""POSIX record locks belong to a process, so workers run as threads of one process also take this one."""
-
-
-@contextlib.contextmanager
-def _tokenizer_lock(stage_dir: Path, timeout_s: float):
-    """Hold `.tokenizer.lock`, waiting while another worker holds it (it is saving or training the tokenizer).
-
-    Whichever worker starts first prepares `tokenizer/`; the lock dies with its holder, so a killed worker
-    never blocks the others, and start order does not matter.
-    """
-    import fcntl
-
-    def refuse():
-        raise ConfigError(f"{stage_dir}/.tokenizer.lock: another worker has been preparing the tokenizer "
-                          f"for over {timeout_s:.0f} s (raise wait_timeout_s if training it takes longer)")
-
-    local = _IN_PROCESS.setdefault(str(Path(stage_dir).resolve()), threading.Lock())
-    if not local.acquire(timeout=timeout_s):
-        refuse()
-    try:
-        with open(stage_dir / ".tokenizer.lock", "a") as handle:  # closing it releases the lock
-            deadline = time.monotonic() + timeout_s
-            while True:
-                try:
-                    fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        refuse()
-                    time.sleep(0.5)
-            yield
-    finally:
-        local.release()
-
-
 def prepare_tokenizer(config: Config, ctx, files: list[Path]):
     """Load (or train) the tokenizer; the first worker to get here writes `tokenizer/`; return it loaded."""
     target = ctx.stage_dir / TOKENIZER_DIR
-    with _tokenizer_lock(ctx.stage_dir, config.wait_timeout_s):
+    # Whichever worker gets the lock first prepares `tokenizer/`; the lock dies with its holder.
+    with exclusive_lock(ctx.stage_dir / ".tokenizer.lock", config.wait_timeout_s,
+                        "another worker has been preparing the tokenizer (raise wait_timeout_s if training takes longer)"):
         if config.tokenizer is not None:
             tokenizer = load_tokenizer_from(resolve_asset(config.tokenizer), "tokenizer")
             if not target.exists():
