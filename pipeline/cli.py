@@ -1,4 +1,4 @@
-"""`distill`: run recipes and stages, inspect and verify run directories.
+"""`distill`: run recipes, stages and sweeps, inspect and verify run directories.
 
 Errors a person can fix (bad config, missing file, mismatched input) print one line and exit 2.
 """
@@ -66,6 +66,17 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from pipeline.sweep import run_sweep
+
+    stages = [s for s in (args.stages or "").split(",") if s] or None
+    args.writing_to = args.run_dir
+    result = run_sweep(args.recipe, args.vary, overrides=args.overrides, sweep_dir=args.run_dir, stages=stages,
+                       score_stage=args.score_stage)
+    print(f"sweep: {len(result['variants'])} variants compared on {result['split']}: see {Path(result['sweep_dir']) / 'sweep.md'}")
+    return 0
+
+
 def cmd_status(args) -> int:
     from pipeline.inspect import format_status, stage_rows
 
@@ -111,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     _worker_args(p)
     p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("sweep", help="run a recipe's variants, sharing unchanged stages, and compare them")
+    p.add_argument("recipe")
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a recipe key and its values, e.g. --vary stages.task.objective=tinybert,pkd (repeatable: "
+                        "the variants are the product)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a config value for every variant (repeatable)")
+    p.add_argument("--run-dir", help="the sweep directory (default: run.run_dir or runs/<run.name>-sweep)")
+    p.add_argument("--stages", help="comma-separated subset of the recipe's stages to run in each variant")
+    p.add_argument("--score-stage", help="stage whose manifest metrics score a variant (default: the last one "
+                                         "reporting student_test_score or student_dev_score)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("status", help="table of a run's stages: done / partial / missing")
     p.add_argument("run_dir")

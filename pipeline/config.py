@@ -72,26 +72,35 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> tuple[dict, Sources]:
     return merged, sources
 
 
+def parse_value(raw: str) -> Any:
+    """A `--set` value: a YAML scalar or flow list/map; text YAML cannot read (`@general`) stays text."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def set_value(tree: dict, sources: Sources, dotted: str, value: Any, source: str) -> None:
+    """Set `a.b.c` in `tree` to `value`, recording `source` (the flag that set it) for error messages."""
+    keys = tuple(dotted.strip().split("."))
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {key} is not a section")
+    node[keys[-1]] = value
+    for p in [p for p in sources if p[: len(keys)] == keys]:
+        del sources[p]
+    sources.update(_record_sources(value, source, keys))
+
+
 def apply_overrides(tree: dict, sources: Sources, overrides: list[str]) -> None:
     """Apply `a.b.c=value` overrides in order; values are parsed as YAML scalars or flow lists/maps."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set general.lr=3e-4")
         dotted, raw = item.split("=", 1)
-        keys = tuple(dotted.strip().split("."))
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        node = tree
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item}: {key} is not a section")
-        node[keys[-1]] = value
-        for p in [p for p in sources if p[: len(keys)] == keys]:
-            del sources[p]
-        sources.update(_record_sources(value, f"--set {item}", keys))
+        set_value(tree, sources, dotted, parse_value(raw), f"--set {item}")
 
 
 def _where(sources: Sources, path: tuple[str, ...], fallback: str) -> str:

@@ -13,6 +13,7 @@ from pipeline.config import (
     Sources,
     apply_overrides,
     build,
+    set_value,
     load_yaml,
     to_dict,
 )
@@ -148,10 +149,14 @@ def parse(tree: dict, sources: Sources, origin: str) -> Recipe:
     return Recipe(run=run, tracking=tracking, launch=launch, stages=stages, source=origin, raw=tree)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load a recipe file with its includes, apply `--set` overrides and validate it."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None,
+                values: list[tuple[str, Any, str]] | None = None) -> Recipe:
+    """Load a recipe file with its includes, apply `--set` overrides, then parsed `values` (dotted key, value,
+    the flag that set it: a sweep's `--vary`), and validate it."""
     tree, sources = load_yaml(path)
     apply_overrides(tree, sources, overrides or [])
+    for dotted, value, source in values or []:
+        set_value(tree, sources, dotted, value, source)
     return parse(tree, sources, str(path))
 
 

@@ -17,6 +17,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 registry.register("numbers", "tests.fixtures.toy_stages")
 registry.register("total", "tests.fixtures.toy_total")
 registry.register("nested", "tests.fixtures.toy_nested")
+registry.register("score", "tests.fixtures.toy_score")
 
 
 @pytest.fixture

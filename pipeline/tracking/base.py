@@ -43,6 +43,9 @@ class NullTracker:
     def end_pipeline(self, status: str = "FINISHED") -> None:
         """Close the pipeline's run."""
 
+    def nest(self, run_dir: Path, name: str, tags: dict[str, str]) -> None:
+        """Open the pipeline run of another run directory as a child of this one (a sweep's variants)."""
+
     def start_stage(self, name: str, stage_dir: Path, config: dict[str, Any], inputs: list) -> None:
         """Open (or reopen, on resume) a stage's run."""
 

@@ -284,6 +284,20 @@ class MlflowTracker(NullTracker):
                    lambda: self.parent and self.client.set_terminated(self.parent, status))
         self._pipeline_args = None
 
+    def nest(self, run_dir: Path, name: str, tags: dict[str, str]) -> None:
+        """Open (or reopen) the pipeline run of `run_dir` as a child of this pipeline's run, with `tags`; the
+        tracker that then runs `run_dir` continues it through its run id file (a sweep's variants)."""
+        if self.client is None or self.buffer is not None or self.parent is None:
+            log.warn(f"tracking is offline: the run of {run_dir} is not nested under this one")
+            return
+
+        def open_child():
+            run_id, _ = self._open(Path(run_dir) / RUN_ID_FILE, name, {"mlflow.parentRunId": self.parent, **tags})
+            for key, value in scrub(tags).items():  # a reopened run gets today's values
+                self.client.set_tag(run_id, key, str(value))
+
+        retry_locked(open_child, self.uri, self.config.locked_retry_s, "nest")
+
     def start_stage(self, name: str, stage_dir: Path, config: dict[str, Any], inputs: list,
                     time_ms: int | None = None) -> None:
         """Open (or continue, on resume) the stage's nested run; tag what it consumed."""

@@ -1,4 +1,5 @@
-"""Pictures of a stage's run: loss curves per component, and teacher vs student metrics, as PNG files.
+"""Pictures of a stage's run (loss curves per component, teacher vs student metrics) and of a sweep (retention vs
+speed-up), as PNG files.
 
 The drawing functions take plain data and write a file (testable without MLflow); `log_stage_plots` reads a
 run's metric history from MLflow and attaches the pictures to it under `plots/`.
@@ -76,6 +77,26 @@ def teacher_vs_student(metrics: dict[str, Any], path: Path) -> Path | None:
         if teacher:
             ax.annotate(f"{100 * student / teacher:.1f}%", (1, student), ha="center", va="bottom", fontsize=8)
     fig.suptitle("teacher vs student (student as % of teacher)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def retention_vs_speedup(points: list[tuple[str, float, float]], path: Path, title: str) -> Path | None:
+    """One labelled point per (label, speed-up, retention): what each variant of a sweep keeps for its speed."""
+    points = [p for p in points if p[1] is not None and p[2] is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
+    for label, speedup, retention in points:
+        ax.scatter([speedup], [100 * retention], color="tab:blue", zorder=3)
+        ax.annotate(label, (speedup, 100 * retention), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    ax.set_xlabel("CPU speed-up over the teacher (x)")
+    ax.set_ylabel("retention: student score / teacher score (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,0 +1,249 @@
+"""`distill sweep`: run the variants of a recipe (the product of `--vary` lists), sharing every stage whose config,
+inputs and seed are the same, and compare them.
+
+A sweep directory holds:
+  sweep.yaml            the plan, written first: recipe, --set, --vary, each variant's values and stage directories
+  stages/NAME-KEY/      one stage directory per distinct stage; KEY hashes the stage type, its config hash, the
+                        run seed and the keys of the stages it reads, so it is known before anything runs
+  variants/V/           each variant's run directory: config.yaml, a link NAME -> ../../stages/NAME-KEY per stage,
+                        and .locks -> ../../.locks, so `distill run|status|verify` work on it as on any run
+  .locks/               the sweep's own lock and the stage locks every variant shares
+  mlflow.db             the store (unless tracking.uri or MLFLOW_TRACKING_URI names another)
+  sweep.md, sweep.json, sweep.png   the comparison, written once every variant is done
+
+The runner is unchanged: each variant is a plain `run_recipe` whose links lead to the shared directories, so a
+stage another variant finished is skipped by its manifest, and an unfinished one resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import log
+from pipeline.config import ConfigError, config_hash, dump_yaml, parse_value
+from pipeline.lock import LOCKS, acquire
+from pipeline.recipe import Recipe, load_recipe
+from pipeline.tracking import make_tracker
+from pipeline.tracking.store import sqlite_uri
+
+PLAN = "sweep.yaml"
+"""The sweep's plan, written before any variant runs."""
+
+
+@dataclass(kw_only=True)
+class Axis:
+    """One `--vary KEY=V1,V2`: a dotted recipe key and the values it takes, as given and as parsed."""
+
+    key: str
+    raw: list[str]
+    values: list[Any]
+
+    @property
+    def label(self) -> str:
+        """The key's last part (`objective` for `stages.task.objective`): a column name."""
+        return self.key.rsplit(".", 1)[-1]
+
+
+@dataclass(kw_only=True)
+class Variant:
+    """One point of the product: its name, the raw value per varied key, its recipe and stage keys."""
+
+    name: str
+    values: dict[str, str]
+    recipe: Recipe
+    keys: dict[str, str]
+    """Stage name -> its directory name in `stages/` (NAME-KEY)."""
+
+
+def split_values(raw: str) -> list[str]:
+    """Split `V1,V2,...` at the commas outside brackets and quotes, so flow lists and maps stay whole."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(raw):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"" and raw[:i].rstrip()[-1:] in ("", "[", "{", ":", ","):  # opens a YAML quoted string
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(raw[start:i])
+            start = i + 1
+    parts.append(raw[start:])
+    return [p.strip() for p in parts]
+
+
+def parse_axes(vary: list[str], overrides: list[str]) -> list[Axis]:
+    """The `--vary` flags as axes; a missing `=`, an empty value, a repeated key or one also `--set` is refused."""
+    if not vary:
+        raise ConfigError("distill sweep: give at least one --vary KEY=V1,V2")
+    set_keys = {o.split("=", 1)[0].strip() for o in overrides}
+    axes: list[Axis] = []
+    for item in vary:
+        if "=" not in item:
+            raise ConfigError(f"--vary {item}: expected KEY=V1,V2,... e.g. --vary stages.task.objective=tinybert,pkd")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        values = split_values(raw)
+        if not raw or "" in values:
+            raise ConfigError(f"--vary {item}: empty value list (or an empty value between commas); quote an "
+                              "empty string as ''")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"--vary {item}: a value is listed twice")
+        if key in {a.key for a in axes}:
+            raise ConfigError(f"--vary {key}: given twice; list all its values in one --vary")
+        if key in set_keys:
+            raise ConfigError(f"--vary {key}: also given with --set; a key is either fixed or varied")
+        axes.append(Axis(key=key, raw=values, values=[parse_value(v) for v in values]))
+    return axes
+
+
+def _check_key(resolved: dict, key: str) -> None:
+    """A ConfigError unless `key` names a value of the resolved recipe (every known key is there, defaults too)."""
+    node, seen = resolved, []
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(seen) or "the recipe"
+            known = ", ".join(sorted(node)) if isinstance(node, dict) else "nothing: it is a value"
+            raise ConfigError(f"--vary {key}: unknown key ({where} has {known})")
+        node, seen = node[part], seen + [part]
+
+
+def stage_keys(recipe: Recipe) -> dict[str, str]:
+    """Stage name -> `NAME-KEY`, KEY a hash of what makes the stage's output what it is, known before it runs.
+
+    The runner's fingerprint hashes the input manifests, which exist only once the inputs ran; here an `@stage`
+    input stands for that stage's key instead, so equal keys mean equal fingerprints. The run seed is in the
+    key because stages derive their seeds from it.
+    """
+    keys: dict[str, str] = {}
+    for name, entry in recipe.stages.items():
+        inputs = {field: keys.get(ref[1:], ref) if ref.startswith("@") else ref
+                  for field, ref in sorted(entry.input_refs().items())}
+        blob = json.dumps({"stage": entry.spec.name, "config_hash": config_hash(entry.config),
+                           "seed": recipe.run.seed, "inputs": inputs}, sort_keys=True)
+        keys[name] = f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    return keys
+
+
+def _variant_name(index: int, axes: list[Axis], raw: tuple[str, ...]) -> str:
+    slug = "_".join(f"{a.label}-{v}" for a, v in zip(axes, raw))
+    return f"{index:02d}-" + re.sub(r"[^A-Za-z0-9.+-]+", "_", slug).strip("_")[:80]
+
+
+def plan(recipe_path: str, axes: list[Axis], overrides: list[str], stages: list[str] | None,
+         sweep_dir: Path) -> tuple[Recipe, list[Variant], list[str]]:
+    """Validate every variant before anything runs: the base recipe, each variant's recipe and stage keys.
+
+    Two variants with the same keys for every selected stage mean a varied key changes nothing they compute
+    (a value that does not affect the output, or a stage not selected): refused, naming the key.
+    """
+    base = load_recipe(recipe_path, overrides)
+    names = base.select(stages)
+    resolved = base.resolved()
+    for axis in axes:
+        _check_key(resolved, axis.key)
+    variants = []
+    for index, combo in enumerate(itertools.product(*(range(len(a.values)) for a in axes)), 1):
+        values = [(a.key, a.values[i], f"--vary {a.key}={a.raw[i]}") for a, i in zip(axes, combo)]
+        recipe = load_recipe(recipe_path, overrides, values)
+        if recipe.tracking.enabled and not (recipe.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+            # One store for the sweep, so the variants' runs can nest under the sweep's run.
+            recipe.tracking = dataclasses.replace(recipe.tracking, uri=sqlite_uri(sweep_dir))
+        raw = tuple(a.raw[i] for a, i in zip(axes, combo))
+        variants.append(Variant(name=_variant_name(index, axes, raw), values=dict(zip((a.key for a in axes), raw)),
+                                recipe=recipe, keys=stage_keys(recipe)))
+    seen: dict[tuple, Variant] = {}
+    for variant in variants:
+        same = seen.setdefault(tuple(variant.keys[n] for n in names), variant)
+        if same is not variant:
+            key = next(k for k in variant.values if variant.values[k] != same.values[k])
+            raise ConfigError(f"--vary {key}: values {same.values[key]} and {variant.values[key]} give the same "
+                              f"config to every stage run ({', '.join(names)}): the key changes nothing there")
+    return base, variants, names
+
+
+def _link(variant_dir: Path, name: str, target: Path) -> None:
+    """Make `variant_dir/name` a relative link to `target` (re-pointed when the recipe changed since)."""
+    link = variant_dir / name
+    rel = os.path.relpath(target, variant_dir)
+    if link.is_symlink():
+        if os.readlink(link) == rel:
+            return
+        link.unlink()
+    elif link.exists():
+        raise ConfigError(f"{link}: a real directory where the sweep keeps a link to a shared stage directory; "
+                          "move it out of the sweep directory")
+    os.symlink(rel, link)
+
+
+def link_variant(sweep_dir: Path, variant: Variant) -> Path:
+    """The variant's run directory, every stage linked to its shared directory (created empty if new)."""
+    variant_dir = sweep_dir / "variants" / variant.name
+    variant_dir.mkdir(parents=True, exist_ok=True)
+    for name, key in variant.keys.items():
+        target = sweep_dir / "stages" / key
+        target.mkdir(parents=True, exist_ok=True)  # the runner's lock file goes inside: a link must not dangle
+        _link(variant_dir, name, target)
+    _link(variant_dir, LOCKS, sweep_dir / LOCKS)
+    return variant_dir
+
+
+def _write_plan(sweep_dir: Path, recipe_path: str, overrides: list[str], axes: list[Axis], names: list[str],
+                variants: list[Variant]) -> None:
+    dump_yaml({"recipe": str(recipe_path), "set": overrides, "vary": {a.key: a.raw for a in axes}, "stages": names,
+               "variants": {v.name: {"values": v.values, "stages": {n: f"stages/{v.keys[n]}" for n in names}}
+                            for v in variants}}, sweep_dir / PLAN)
+
+
+def run_sweep(recipe_path: str, vary: list[str], *, overrides: list[str] | None = None, sweep_dir: Path | None = None,
+              stages: list[str] | None = None, score_stage: str | None = None) -> dict:
+    """Run every variant, one after another in this process; return the comparison (what sweep.json holds, and
+    `sweep_dir`)."""
+    from pipeline.runner import run_recipe
+    from pipeline.sweep_table import clear_table, write_table
+
+    overrides = list(overrides or [])
+    axes = parse_axes(vary, overrides)
+    base_run = load_recipe(recipe_path, overrides).run
+    sweep_dir = Path(sweep_dir or base_run.run_dir or Path("runs") / f"{base_run.name}-sweep")
+    base, variants, names = plan(recipe_path, axes, overrides, stages, sweep_dir)
+    if score_stage is not None and score_stage not in names:
+        raise ConfigError(f"--score-stage {score_stage}: not among the stages run ({', '.join(names)})")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    held = acquire(sweep_dir / LOCKS / "sweep.lock", base.run.lock_lease_s)
+    try:
+        clear_table(sweep_dir)  # a table from an earlier sweep here must not pass for this one's
+        _write_plan(sweep_dir, recipe_path, overrides, axes, names, variants)
+        tracker = make_tracker(variants[0].recipe.tracking, sweep_dir, True)
+        tracker.start_pipeline(f"{base.run.name}-sweep", sweep_dir, base.resolved())
+        tracker.log_artifact(sweep_dir / PLAN)
+        tracker.set_tags({"distill.sweep.vary": json.dumps({a.key: a.raw for a in axes})[:5000]})
+        status = "FAILED"
+        try:
+            for number, variant in enumerate(variants, 1):
+                log.info(f"sweep: variant {number}/{len(variants)} {variant.name}: "
+                         + ", ".join(f"{k}={v}" for k, v in variant.values.items()))
+                variant_dir = link_variant(sweep_dir, variant)
+                tracker.nest(variant_dir, f"{base.run.name}/{variant.name}",
+                             {"distill.sweep.variant": variant.name,
+                              **{f"distill.sweep.{key}": raw for key, raw in variant.values.items()}})
+                run_recipe(variant.recipe, variant_dir, stages=names)
+            table = write_table(sweep_dir, axes, variants, names, score_stage)
+            for name in ("sweep.md", "sweep.json", "sweep.png"):
+                if (sweep_dir / name).is_file():
+                    tracker.log_artifact(sweep_dir / name)
+            status = "FINISHED"
+        finally:
+            tracker.end_pipeline(status)
+    finally:
+        held.release()
+    return {**table, "sweep_dir": str(sweep_dir)}
