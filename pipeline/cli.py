@@ -72,9 +72,14 @@ def cmd_sweep(args) -> int:
     stages = [s for s in (args.stages or "").split(",") if s] or None
     args.writing_to = args.run_dir
     result = run_sweep(args.recipe, args.vary, overrides=args.overrides, sweep_dir=args.run_dir, stages=stages,
-                       score_stage=args.score_stage)
-    print(f"sweep: {len(result['variants'])} variants compared on {result['split']}: see {Path(result['sweep_dir']) / 'sweep.md'}")
-    return 0
+                       score_stage=args.score_stage, keep_going=args.keep_going, dry_run=args.dry_run)
+    if args.dry_run:
+        print(result["plan"])
+        return 0
+    done = len(result["variants"]) - len(result["failed"])
+    print(f"sweep: {done} of {len(result['variants'])} variants compared on {result['split']}: see "
+          f"{Path(result['sweep_dir']) / 'sweep.md'}")
+    return 1 if result["failed"] else 0
 
 
 def cmd_status(args) -> int:
@@ -134,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help="comma-separated subset of the recipe's stages to run in each variant")
     p.add_argument("--score-stage", help="stage whose manifest metrics score a variant (default: the last one "
                                          "reporting student_test_score or student_dev_score)")
+    p.add_argument("--keep-going", action="store_true", help="when a variant fails, note it in the table and run "
+                                                              "the next (a rerun retries it)")
+    p.add_argument("--dry-run", action="store_true", help="print the variants and stage runs; run nothing")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("status", help="table of a run's stages: done / partial / missing")

@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import re
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,11 @@ from typing import Any
 from pipeline import log
 from pipeline.config import ConfigError, config_hash, dump_yaml, parse_value
 from pipeline.lock import LOCKS, acquire
+from pipeline.manifest import MANIFEST, atomic_write_text
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.tracking import make_tracker
 from pipeline.tracking.store import sqlite_uri
+from pipeline.train.preempt import Preempted
 
 PLAN = "sweep.yaml"
 """The sweep's plan, written before any variant runs."""
@@ -40,16 +43,24 @@ PLAN = "sweep.yaml"
 
 @dataclass(kw_only=True)
 class Axis:
-    """One `--vary KEY=V1,V2`: a dotted recipe key and the values it takes, as given and as parsed."""
+    """One `--vary`: a dotted recipe key and its values, or a bundle (a name without dots) whose values each set
+    several keys together; `labels` name the values in tables and tags."""
 
     key: str
     raw: list[str]
-    values: list[Any]
+    labels: list[str]
+    choices: list[list[tuple[str, Any]]]
+    """Per value, the (dotted key, parsed value) pairs it sets."""
 
     @property
     def label(self) -> str:
         """The key's last part (`objective` for `stages.task.objective`): a column name."""
         return self.key.rsplit(".", 1)[-1]
+
+    @property
+    def keys(self) -> set[str]:
+        """Every dotted key this axis sets."""
+        return {key for choice in self.choices for key, _ in choice}
 
 
 @dataclass(kw_only=True)
@@ -82,6 +93,17 @@ def split_values(raw: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
+def _bundle_value(name: str, raw: str) -> tuple[str, list[tuple[str, Any]]]:
+    """(label, pairs) of one value of bundle `name`: a mapping of dotted keys, with an optional `label`."""
+    value = parse_value(raw)
+    if not isinstance(value, dict) or not value or any("." not in str(k) for k in value if k != "label"):
+        raise ConfigError(f"--vary {name}={raw}: a bundle (a name without dots) takes mappings of dotted keys, "
+                          "e.g. {label: none, stages.task.student: null} ({label: base} alone: the recipe as is)")
+    label = value.pop("label", None)
+    pairs = [(str(k), v) for k, v in value.items()]
+    return str(label) if label is not None else ";".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in pairs), pairs
+
+
 def parse_axes(vary: list[str], overrides: list[str]) -> list[Axis]:
     """The `--vary` flags as axes; a missing `=`, an empty value, a repeated key or one also `--set` is refused."""
     if not vary:
@@ -96,24 +118,31 @@ def parse_axes(vary: list[str], overrides: list[str]) -> list[Axis]:
         if not raw or "" in values:
             raise ConfigError(f"--vary {item}: empty value list (or an empty value between commas); quote an "
                               "empty string as ''")
-        if len(set(values)) != len(values):
+        if "." in key:
+            labels, choices = values, [[(key, parse_value(v))] for v in values]
+        else:
+            labels, choices = (list(x) for x in zip(*(_bundle_value(key, v) for v in values)))
+        axis = Axis(key=key, raw=values, labels=labels, choices=choices)
+        if len(set(labels)) != len(labels):
             raise ConfigError(f"--vary {item}: a value is listed twice")
-        if key in {a.key for a in axes}:
-            raise ConfigError(f"--vary {key}: given twice; list all its values in one --vary")
-        if key in set_keys:
-            raise ConfigError(f"--vary {key}: also given with --set; a key is either fixed or varied")
-        axes.append(Axis(key=key, raw=values, values=[parse_value(v) for v in values]))
+        if key in {a.key for a in axes} or axis.keys & {k for a in axes for k in a.keys}:
+            raise ConfigError(f"--vary {key}: sets a key another --vary sets; list all its values in one --vary")
+        if axis.keys & set_keys:
+            raise ConfigError(f"--vary {key}: {', '.join(sorted(axis.keys & set_keys))} also given with --set; "
+                              "a key is either fixed or varied")
+        axes.append(axis)
     return axes
 
 
-def _check_key(resolved: dict, key: str) -> None:
+def _check_key(resolved: dict, key: str, flag: str) -> None:
     """A ConfigError unless `key` names a value of the resolved recipe (every known key is there, defaults too)."""
     node, seen = resolved, []
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             where = ".".join(seen) or "the recipe"
             known = ", ".join(sorted(node)) if isinstance(node, dict) else "nothing: it is a value"
-            raise ConfigError(f"--vary {key}: unknown key ({where} has {known})")
+            raise ConfigError(f"--vary {flag}: {key}: unknown key ({where} has {known})" if flag != key else
+                              f"--vary {key}: unknown key ({where} has {known})")
         node, seen = node[part], seen + [part]
 
 
@@ -150,15 +179,16 @@ def plan(recipe_path: str, axes: list[Axis], overrides: list[str], stages: list[
     names = base.select(stages)
     resolved = base.resolved()
     for axis in axes:
-        _check_key(resolved, axis.key)
+        for key in sorted(axis.keys):
+            _check_key(resolved, key, axis.key)
     variants = []
-    for index, combo in enumerate(itertools.product(*(range(len(a.values)) for a in axes)), 1):
-        values = [(a.key, a.values[i], f"--vary {a.key}={a.raw[i]}") for a, i in zip(axes, combo)]
+    for index, combo in enumerate(itertools.product(*(range(len(a.choices)) for a in axes)), 1):
+        values = [(key, value, f"--vary {a.key}={a.raw[i]}") for a, i in zip(axes, combo) for key, value in a.choices[i]]
         recipe = load_recipe(recipe_path, overrides, values)
         if recipe.tracking.enabled and not (recipe.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
             # One store for the sweep, so the variants' runs can nest under the sweep's run.
             recipe.tracking = dataclasses.replace(recipe.tracking, uri=sqlite_uri(sweep_dir))
-        raw = tuple(a.raw[i] for a, i in zip(axes, combo))
+        raw = tuple(a.labels[i] for a, i in zip(axes, combo))
         variants.append(Variant(name=_variant_name(index, axes, raw), values=dict(zip((a.key for a in axes), raw)),
                                 recipe=recipe, keys=stage_keys(recipe)))
     seen: dict[tuple, Variant] = {}
@@ -185,16 +215,30 @@ def _link(variant_dir: Path, name: str, target: Path) -> None:
     os.symlink(rel, link)
 
 
-def link_variant(sweep_dir: Path, variant: Variant) -> Path:
-    """The variant's run directory, every stage linked to its shared directory (created empty if new)."""
+def link_variant(sweep_dir: Path, variant: Variant, names: list[str]) -> Path:
+    """The variant's run directory, each stage run linked to its shared directory (created empty if new); a
+    stage not run is linked only when another sweep here finished it."""
     variant_dir = sweep_dir / "variants" / variant.name
     variant_dir.mkdir(parents=True, exist_ok=True)
     for name, key in variant.keys.items():
         target = sweep_dir / "stages" / key
-        target.mkdir(parents=True, exist_ok=True)  # the runner's lock file goes inside: a link must not dangle
-        _link(variant_dir, name, target)
+        if name in names:
+            target.mkdir(parents=True, exist_ok=True)  # the runner's lock file goes inside: a link must not dangle
+        if target.is_dir():
+            _link(variant_dir, name, target)
     _link(variant_dir, LOCKS, sweep_dir / LOCKS)
     return variant_dir
+
+
+def describe(sweep_dir: Path, variants: list[Variant], names: list[str]) -> str:
+    """What a sweep would run: each variant's values, and how many stage runs it takes (shared ones once)."""
+    runs = {v.keys[n] for v in variants for n in names}
+    done = {k for k in runs if (Path(sweep_dir) / "stages" / k / MANIFEST).is_file()}
+    per_stage = ", ".join(f"{n} {len({v.keys[n] for v in variants})}" for n in names)
+    lines = [f"sweep {sweep_dir}: {len(variants)} variants, {len(runs)} stage runs ({per_stage}), "
+             f"{len(done)} done already"]
+    lines += [f"  {v.name}: " + ", ".join(f"{k}={x}" for k, x in v.values.items()) for v in variants]
+    return "\n".join(lines)
 
 
 def _write_plan(sweep_dir: Path, recipe_path: str, overrides: list[str], axes: list[Axis], names: list[str],
@@ -204,12 +248,34 @@ def _write_plan(sweep_dir: Path, recipe_path: str, overrides: list[str], axes: l
                             for v in variants}}, sweep_dir / PLAN)
 
 
-def run_sweep(recipe_path: str, vary: list[str], *, overrides: list[str] | None = None, sweep_dir: Path | None = None,
-              stages: list[str] | None = None, score_stage: str | None = None) -> dict:
-    """Run every variant, one after another in this process; return the comparison (what sweep.json holds, and
-    `sweep_dir`)."""
+def _run_variant(tracker, sweep_dir: Path, variant: Variant, names: list[str], keep_going: bool) -> str | None:
+    """Run one variant under the sweep's run; with `keep_going`, a failure is returned as one line, not raised."""
     from pipeline.runner import run_recipe
-    from pipeline.sweep_table import clear_table, write_table
+
+    variant_dir = link_variant(sweep_dir, variant, names)
+    tracker.nest(variant_dir, f"{variant.recipe.run.name}/{variant.name}",
+                 {"distill.sweep.variant": variant.name, **{f"distill.sweep.{k}": v for k, v in variant.values.items()}})
+    try:
+        run_recipe(variant.recipe, variant_dir, stages=names)
+    except Preempted:
+        raise
+    except Exception as err:  # noqa: BLE001 - --keep-going: the table names the failure, the file keeps the trace
+        if not keep_going:
+            raise
+        atomic_write_text(variant_dir / "sweep_error.txt", traceback.format_exc())
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:300]
+        log.warn(f"sweep: variant {variant.name} failed ({reason}); going on (trace: {variant_dir}/sweep_error.txt)")
+        return reason
+    (variant_dir / "sweep_error.txt").unlink(missing_ok=True)
+    return None
+
+
+def run_sweep(recipe_path: str, vary: list[str], *, overrides: list[str] | None = None, sweep_dir: Path | None = None,
+              stages: list[str] | None = None, score_stage: str | None = None, keep_going: bool = False,
+              dry_run: bool = False) -> dict:
+    """Run every variant, one after another in this process; return the comparison (what sweep.json holds, and
+    `sweep_dir`), or with `dry_run` only the plan (`plan`: what `describe` prints)."""
+    from pipeline.sweep_table import OUTPUTS, clear_table, write_table
 
     overrides = list(overrides or [])
     axes = parse_axes(vary, overrides)
@@ -218,30 +284,29 @@ def run_sweep(recipe_path: str, vary: list[str], *, overrides: list[str] | None 
     base, variants, names = plan(recipe_path, axes, overrides, stages, sweep_dir)
     if score_stage is not None and score_stage not in names:
         raise ConfigError(f"--score-stage {score_stage}: not among the stages run ({', '.join(names)})")
+    if dry_run:
+        return {"sweep_dir": str(sweep_dir), "plan": describe(sweep_dir, variants, names)}
     sweep_dir.mkdir(parents=True, exist_ok=True)
     held = acquire(sweep_dir / LOCKS / "sweep.lock", base.run.lock_lease_s)
     try:
         clear_table(sweep_dir)  # a table from an earlier sweep here must not pass for this one's
         _write_plan(sweep_dir, recipe_path, overrides, axes, names, variants)
+        log.info(describe(sweep_dir, variants, names))
         tracker = make_tracker(variants[0].recipe.tracking, sweep_dir, True)
         tracker.start_pipeline(f"{base.run.name}-sweep", sweep_dir, base.resolved())
         tracker.log_artifact(sweep_dir / PLAN)
-        tracker.set_tags({"distill.sweep.vary": json.dumps({a.key: a.raw for a in axes})[:5000]})
-        status = "FAILED"
+        tracker.set_tags({"distill.sweep.vary": json.dumps({a.key: a.labels for a in axes})[:5000]})
+        status, failed = "FAILED", {}
         try:
             for number, variant in enumerate(variants, 1):
-                log.info(f"sweep: variant {number}/{len(variants)} {variant.name}: "
-                         + ", ".join(f"{k}={v}" for k, v in variant.values.items()))
-                variant_dir = link_variant(sweep_dir, variant)
-                tracker.nest(variant_dir, f"{base.run.name}/{variant.name}",
-                             {"distill.sweep.variant": variant.name,
-                              **{f"distill.sweep.{key}": raw for key, raw in variant.values.items()}})
-                run_recipe(variant.recipe, variant_dir, stages=names)
-            table = write_table(sweep_dir, axes, variants, names, score_stage)
-            for name in ("sweep.md", "sweep.json", "sweep.png"):
+                log.info(f"sweep: variant {number}/{len(variants)} {variant.name}")
+                if (reason := _run_variant(tracker, sweep_dir, variant, names, keep_going)) is not None:
+                    failed[variant.name] = reason
+            table = write_table(sweep_dir, axes, variants, names, score_stage, failed)
+            for name in OUTPUTS:
                 if (sweep_dir / name).is_file():
                     tracker.log_artifact(sweep_dir / name)
-            status = "FINISHED"
+            status = "FAILED" if failed else "FINISHED"
         finally:
             tracker.end_pipeline(status)
     finally:

@@ -41,15 +41,18 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def rows(sweep_dir: Path, variants: list, names: list[str], score_stage: str | None) -> tuple[str, list[dict]]:
-    """The split compared on ("test" or "dev") and one row per variant."""
-    found = [_metrics(sweep_dir, v, names, score_stage) for v in variants]
-    split = "test" if all("student_test_score" in m for _, m in found) else "dev"
+def rows(sweep_dir: Path, variants: list, names: list[str], score_stage: str | None,
+         failed: dict[str, str]) -> tuple[str, list[dict]]:
+    """The split compared on ("test" or "dev") and one row per variant (a failed one has no numbers)."""
+    found = [(None, {}) if v.name in failed else _metrics(sweep_dir, v, names, score_stage) for v in variants]
+    split = "test" if all("student_test_score" in m for (_, m), v in zip(found, variants) if v.name not in failed) \
+        else "dev"
     table = []
     for variant, (stage, metrics) in zip(variants, found):
         student, teacher = _number(metrics.get(f"student_{split}_score")), _number(metrics.get(f"teacher_{split}_score"))
         table.append({
             "variant": variant.name, "values": variant.values, "score_stage": stage, "split": split,
+            "state": "failed" if variant.name in failed else "done", "error": failed.get(variant.name),
             "student_score": student, "teacher_score": teacher,
             "retention": student / teacher if student is not None and teacher else None,
             "speedup": _number(metrics.get("speedup")), "student_params": _number(metrics.get("student_params")),
@@ -81,7 +84,8 @@ def markdown(title: str, axes: list, split: str, table: list[dict], shared: dict
         lines += ["", f"Note: {DEV_NOTE}."]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
-        cells = [row["variant"], *[f"`{row['values'][k]}`" for k in keys], _cell(row["student_score"], "score"),
+        name = row["variant"] if row["state"] == "done" else f"{row['variant']} (failed: {row['error']})"
+        cells = [name, *[f"`{row['values'][k]}`" for k in keys], _cell(row["student_score"], "score"),
                  _cell(row["teacher_score"], "score"), _cell(row["retention"], "pct"), _cell(row["speedup"], "x"),
                  _cell(row["student_params"], "params")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -92,17 +96,21 @@ def markdown(title: str, axes: list, split: str, table: list[dict], shared: dict
     return "\n".join(lines)
 
 
-def write_table(sweep_dir: Path, axes: list, variants: list, names: list[str], score_stage: str | None) -> dict:
+def write_table(sweep_dir: Path, axes: list, variants: list, names: list[str], score_stage: str | None,
+                failed: dict[str, str] | None = None) -> dict:
     """Write sweep.md, sweep.json and sweep.png (the picture when a variant has both numbers); return the JSON."""
     sweep_dir = Path(sweep_dir)
-    split, table = rows(sweep_dir, variants, names, score_stage)
+    failed = failed or {}
+    split, table = rows(sweep_dir, variants, names, score_stage, failed)
+    if failed:
+        log.warn(f"sweep: {len(failed)} of {len(table)} variants failed: {', '.join(failed)} (rerun to retry them)")
     if all(r["score_stage"] is None for r in table):
         log.warn(f"sweep: no stage of {', '.join(names)} reports student_test_score or student_dev_score: "
                  "the table has no scores (name the scoring stage with --score-stage)")
     elif split == "dev":
         log.warn(f"sweep: {DEV_NOTE}")
     users: dict[str, list[str]] = {}
-    for row in table:
+    for row in (r for r in table if r["state"] == "done"):
         for directory in row["stages"].values():
             users.setdefault(directory, []).append(row["variant"])
     shared = {d: v for d, v in users.items() if len(v) > 1}
@@ -110,7 +118,8 @@ def write_table(sweep_dir: Path, axes: list, variants: list, names: list[str], s
     labels = [", ".join(f"{a.label}={r['values'][a.key]}" for a in axes) for r in table]
     picture = retention_vs_speedup([(label, r["speedup"], r["retention"]) for label, r in zip(labels, table)],
                                    sweep_dir / "sweep.png", f"{title}: retention ({split}) vs speed-up")
-    result = {"split": split, "vary": {a.key: a.raw for a in axes}, "stages": names, "variants": table,
+    result = {"split": split, "vary": {a.key: a.labels for a in axes}, "stages": names, "variants": table,
+              "failed": sorted(failed),
               "shared": shared, "plot": picture.name if picture else None}
     atomic_write_text(sweep_dir / "sweep.md", markdown(title, axes, split, table, shared))
     atomic_write_text(sweep_dir / "sweep.json", json.dumps(result, indent=2, sort_keys=True) + "\n")

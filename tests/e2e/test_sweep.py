@@ -80,16 +80,42 @@ def test_sweep_shares_upstream_resumes_a_killed_variant_and_skips_on_rerun(tmp_p
     assert checked.returncode == 0 and checked.stdout.count("files ok") == 3
 
 
-def test_sweep_without_test_scores_compares_on_dev_and_says_so(tmp_path, capsys):
+def test_bundle_axis_and_a_sweep_without_test_scores_compares_on_dev_and_says_so(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "toy.yaml", tracking=False)
-    code = distill(["sweep", str(recipe), "--vary", "stages.score.objective=soft,tinybert", "--run-dir",
-                    str(tmp_path / "sweep"), "--set", "stages.score.test_split=false"])
+    bundle = ("setup={label: small, stages.score.width: 1, stages.score.objective: soft},"
+              "{label: big, stages.score.width: 3, stages.score.objective: tinybert}")
+    code = distill(["sweep", str(recipe), "--vary", bundle, "--run-dir", str(tmp_path / "sweep"),
+                    "--set", "stages.score.test_split=false"])
     assert code == 0
     table = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert table["split"] == "dev" and [r["student_score"] for r in table["variants"]] == [0.613, 0.713]
+    assert table["split"] == "dev" and table["vary"] == {"setup": ["small", "big"]}
+    assert [(r["values"], r["student_score"]) for r in table["variants"]] == [
+        ({"setup": "small"}, pytest.approx(0.563)), ({"setup": "big"}, pytest.approx(0.763))]
     markdown = (tmp_path / "sweep" / "sweep.md").read_text()
-    assert "| student dev | teacher dev |" in markdown and "**dev** split" in markdown and "optimistic" in markdown
+    assert "| variant | setup | student dev | teacher dev |" in markdown and "| 02-setup-big | `big` |" in markdown
+    assert "**dev** split" in markdown and "optimistic" in markdown
     assert "compared on dev" in capsys.readouterr().err
+
+
+def test_dry_run_plans_and_keep_going_tables_a_failed_variant_until_a_rerun_fixes_it(tmp_path, capsys):
+    recipe, sweep = write_recipe(tmp_path / "toy.yaml", tracking=False), tmp_path / "sweep"
+    args = ["sweep", str(recipe), "--vary", "stages.score.objective=soft,pkd", "--run-dir", str(sweep)]
+    assert distill([*args, "--dry-run"]) == 0
+    assert "2 variants, 4 stage runs (numbers 1, total 1, score 2), 0 done already" in capsys.readouterr().out
+    assert not sweep.exists()
+
+    assert distill([*args, "--keep-going", "--set", "stages.score.fail_on=pkd"]) == 1
+    table = json.loads((sweep / "sweep.json").read_text())
+    assert table["failed"] == ["02-objective-pkd"] and [r["state"] for r in table["variants"]] == ["done", "failed"]
+    assert table["variants"][1]["error"] == "objective pkd failed on purpose"
+    assert "| 02-objective-pkd (failed: objective pkd failed on purpose) | `pkd` | n/a |" in (sweep / "sweep.md").read_text()
+    assert "RuntimeError" in (sweep / "variants" / "02-objective-pkd" / "sweep_error.txt").read_text()
+    assert distill([*args, "--dry-run"]) == 0 and "3 done already" in capsys.readouterr().out
+
+    assert distill(args) == 0
+    table = json.loads((sweep / "sweep.json").read_text())
+    assert table["failed"] == [] and table["variants"][1]["student_score"] == pytest.approx(0.653)
+    assert not (sweep / "variants" / "02-objective-pkd" / "sweep_error.txt").exists()
 
 
 @pytest.mark.parametrize("vary, message", [
@@ -102,6 +128,9 @@ def test_sweep_without_test_scores_compares_on_dev_and_says_so(tmp_path, capsys)
                                           "config to every stage run (numbers, total, score): the key changes nothing"),
     ("tracking.experiment=a,b", "--vary tracking.experiment: values a and b give the same config"),
     ("stages.score.objective=soft,bogus", "--vary stages.score.objective=bogus: stages.score.objective: expected one of"),
+    ("setup=soft,pkd", "--vary setup=soft: a bundle (a name without dots) takes mappings of dotted keys"),
+    ("setup={stages.score.objectiv: soft},{stages.score.width: 3}",
+     "--vary setup: stages.score.objectiv: unknown key (stages.score has "),
 ])
 def test_sweep_refusals_are_one_line(tmp_path, capsys, vary, message):
     code = distill(["sweep", str(write_recipe(tmp_path / "toy.yaml")), "--vary", vary, "--run-dir", str(tmp_path / "s")])
