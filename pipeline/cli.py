@@ -83,8 +83,14 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from pipeline.inspect import format_status, stage_rows
+    from pipeline.inspect import format_status, stage_rows, sweep_variants
 
+    variants = sweep_variants(Path(args.run_dir))
+    if variants is not None:  # a sweep: one table per variant
+        tables = {v.name: stage_rows(v) for v in variants}
+        print(json.dumps(tables, indent=2) if args.json else
+              "\n\n".join(f"{name}:\n{format_status(rows)}" for name, rows in tables.items()))
+        return 0
     rows = stage_rows(Path(args.run_dir))
     job_columns = registry.load_symbol(registry.STATUS_COLUMNS)  # cluster job ids and states, when submitted
     extra = job_columns(Path(args.run_dir)) if job_columns is not None else {}

@@ -49,6 +49,15 @@ def stage_rows(run_dir: Path) -> list[dict]:
     return rows
 
 
+def sweep_variants(path: Path) -> list[Path] | None:
+    """The variant run directories of a sweep directory (one holding `sweep.yaml`), or None for any other path."""
+    plan = Path(path) / "sweep.yaml"
+    if not plan.is_file():
+        return None
+    names = (yaml.safe_load(plan.read_text()) or {}).get("variants") or {}
+    return [Path(path) / "variants" / name for name in names if (Path(path) / "variants" / name).is_dir()]
+
+
 def format_status(rows: list[dict], extra_columns: dict[str, dict[str, str]] | None = None) -> str:
     """A plain-text table of `stage_rows`, with optional extra columns keyed by stage name."""
     extra_columns = extra_columns or {}
@@ -63,7 +72,8 @@ def format_status(rows: list[dict], extra_columns: dict[str, dict[str, str]] | N
 
 
 def verify_path(path: Path) -> list[str]:
-    """Re-hash everything under `path` (a stage dir, a manifest.json or a run dir); return what was checked.
+    """Re-hash everything under `path` (a stage dir, a manifest.json, a run dir or a sweep dir); return what was
+    checked.
 
     Raises ManifestError naming the first bad file. Stage types with a `verify` hook check more (a cache's
     rows sorted and finite, say).
@@ -73,8 +83,10 @@ def verify_path(path: Path) -> list[str]:
         path = path.parent
     if (path / MANIFEST).is_file():
         stage_dirs = [path]
-    elif (path / "config.yaml").is_file():
-        stage_dirs = sorted(p.parent for p in path.glob(f"*/{MANIFEST}"))
+    elif (path / "config.yaml").is_file() or sweep_variants(path) is not None:
+        # A sweep's stage directories are all in stages/; its variants only link to them.
+        pattern = f"stages/*/{MANIFEST}" if sweep_variants(path) is not None else f"*/{MANIFEST}"
+        stage_dirs = sorted(p.parent for p in path.glob(pattern))
         if not stage_dirs:
             raise ManifestError(f"{path}: no finished stage to verify (no */{MANIFEST})")
     else:

@@ -33,6 +33,9 @@ def test_sweep_shares_upstream_resumes_a_killed_variant_and_skips_on_rerun(tmp_p
     partial = run_cli("status", str(sweep / "variants" / variants[2]), "--json")
     assert {r["stage"]: r["state"] for r in json.loads(partial.stdout)} == {
         "numbers": "done", "total": "done", "score": "partial"}
+    whole = json.loads(run_cli("status", str(sweep), "--json").stdout)  # every planned variant, linked or not yet
+    assert {v: [r["state"] for r in rows] for v, rows in whole.items()} == {
+        variants[0]: ["done"] * 3, variants[1]: ["done"] * 3, variants[2]: ["done", "done", "partial"]}
 
     resumed = run_cli("sweep", str(recipe), *VARY, "--run-dir", str(sweep))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -78,6 +81,8 @@ def test_sweep_shares_upstream_resumes_a_killed_variant_and_skips_on_rerun(tmp_p
     assert json.loads((sweep / "sweep.json").read_text())["variants"] == table["variants"]
     checked = run_cli("verify", str(sweep / "variants" / "04-objective-pkd_width-2"))
     assert checked.returncode == 0 and checked.stdout.count("files ok") == 3
+    checked = run_cli("verify", str(sweep))
+    assert checked.returncode == 0 and checked.stdout.count("files ok") == 6
 
 
 def test_bundle_axis_and_a_sweep_without_test_scores_compares_on_dev_and_says_so(tmp_path, capsys):
