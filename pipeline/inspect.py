@@ -51,7 +51,9 @@ def stage_rows(run_dir: Path) -> list[dict]:
 
 def sweep_variants(path: Path) -> list[Path] | None:
     """The variant run directories of a sweep directory (one holding `sweep.yaml`), or None for any other path."""
-    plan = Path(path) / "sweep.yaml"
+    from pipeline.sweep_table import PLAN
+
+    plan = Path(path) / PLAN
     if not plan.is_file():
         return None
     names = (yaml.safe_load(plan.read_text()) or {}).get("variants") or {}

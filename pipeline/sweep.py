@@ -29,17 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import log
-from pipeline.config import ConfigError, config_hash, dump_yaml, parse_value
+from pipeline.config import ConfigError, config_hash, parse_value
 from pipeline.lock import LOCKS, acquire
-from pipeline.manifest import MANIFEST, atomic_write_text
+from pipeline.manifest import atomic_write_text
 from pipeline.recipe import Recipe, load_recipe
+from pipeline.sweep_table import OUTPUTS, PLAN, clear_table, describe, write_plan, write_table
 from pipeline.tracking import make_tracker
 from pipeline.tracking.store import sqlite_uri
 from pipeline.train.preempt import Preempted
-
-PLAN = "sweep.yaml"
-"""The sweep's plan, written before any variant runs."""
-
 
 @dataclass(kw_only=True)
 class Axis:
@@ -230,24 +227,6 @@ def link_variant(sweep_dir: Path, variant: Variant, names: list[str]) -> Path:
     return variant_dir
 
 
-def describe(sweep_dir: Path, variants: list[Variant], names: list[str]) -> str:
-    """What a sweep would run: each variant's values, and how many stage runs it takes (shared ones once)."""
-    runs = {v.keys[n] for v in variants for n in names}
-    done = {k for k in runs if (Path(sweep_dir) / "stages" / k / MANIFEST).is_file()}
-    per_stage = ", ".join(f"{n} {len({v.keys[n] for v in variants})}" for n in names)
-    lines = [f"sweep {sweep_dir}: {len(variants)} variants, {len(runs)} stage runs ({per_stage}), "
-             f"{len(done)} done already"]
-    lines += [f"  {v.name}: " + ", ".join(f"{k}={x}" for k, x in v.values.items()) for v in variants]
-    return "\n".join(lines)
-
-
-def _write_plan(sweep_dir: Path, recipe_path: str, overrides: list[str], axes: list[Axis], names: list[str],
-                variants: list[Variant]) -> None:
-    dump_yaml({"recipe": str(recipe_path), "set": overrides, "vary": {a.key: a.raw for a in axes}, "stages": names,
-               "variants": {v.name: {"values": v.values, "stages": {n: f"stages/{v.keys[n]}" for n in names}}
-                            for v in variants}}, sweep_dir / PLAN)
-
-
 def _run_variant(tracker, sweep_dir: Path, variant: Variant, names: list[str], keep_going: bool) -> str | None:
     """Run one variant under the sweep's run; with `keep_going`, a failure is returned as one line, not raised."""
     from pipeline.runner import run_recipe
@@ -275,8 +254,6 @@ def run_sweep(recipe_path: str, vary: list[str], *, overrides: list[str] | None 
               dry_run: bool = False) -> dict:
     """Run every variant, one after another in this process; return the comparison (what sweep.json holds, and
     `sweep_dir`), or with `dry_run` only the plan (`plan`: what `describe` prints)."""
-    from pipeline.sweep_table import OUTPUTS, clear_table, write_table
-
     overrides = list(overrides or [])
     axes = parse_axes(vary, overrides)
     base_run = load_recipe(recipe_path, overrides).run
@@ -290,7 +267,7 @@ def run_sweep(recipe_path: str, vary: list[str], *, overrides: list[str] | None 
     held = acquire(sweep_dir / LOCKS / "sweep.lock", base.run.lock_lease_s)
     try:
         clear_table(sweep_dir)  # a table from an earlier sweep here must not pass for this one's
-        _write_plan(sweep_dir, recipe_path, overrides, axes, names, variants)
+        write_plan(sweep_dir, recipe_path, overrides, axes, names, variants)
         log.info(describe(sweep_dir, variants, names))
         tracker = make_tracker(variants[0].recipe.tracking, sweep_dir, True)
         tracker.start_pipeline(f"{base.run.name}-sweep", sweep_dir, base.resolved())

@@ -1,5 +1,6 @@
-"""A sweep's comparison: per variant its varied values, student and teacher score, retention, speed-up and size,
-as `sweep.md`, `sweep.json` and `sweep.png` (retention vs speed-up) in the sweep directory.
+"""What a sweep writes beside its stages: the plan (`sweep.yaml`, first) and the comparison (per variant its
+varied values, student and teacher score, retention, speed-up and size) as `sweep.md`, `sweep.json` and
+`sweep.png` (retention vs speed-up).
 
 Scores come from the manifest metrics of the variant's scoring stage (`--score-stage`, else the last stage run
 that reports `student_test_score` or `student_dev_score`). The test score is used when every variant has one;
@@ -13,13 +14,35 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import log
-from pipeline.manifest import Manifest, atomic_write_text
+from pipeline.config import dump_yaml
+from pipeline.manifest import MANIFEST, Manifest, atomic_write_text
 from pipeline.tracking.plots import retention_vs_speedup
 
+PLAN = "sweep.yaml"
+"""The sweep's plan: recipe, --set, --vary, each variant's values and stage directories."""
 OUTPUTS = ("sweep.md", "sweep.json", "sweep.png")
 """What a finished sweep leaves beside its plan."""
 DEV_NOTE = ("dev split: not every variant's stage reports student_test_score, so all are compared on dev, which "
             "also picked their checkpoints (optimistic)")
+
+
+def describe(sweep_dir: Path, variants: list, names: list[str]) -> str:
+    """What a sweep would run: each variant's values, and how many stage runs it takes (shared ones once)."""
+    runs = {v.keys[n] for v in variants for n in names}
+    done = {k for k in runs if (Path(sweep_dir) / "stages" / k / MANIFEST).is_file()}
+    per_stage = ", ".join(f"{n} {len({v.keys[n] for v in variants})}" for n in names)
+    lines = [f"sweep {sweep_dir}: {len(variants)} variants, {len(runs)} stage runs ({per_stage}), "
+             f"{len(done)} done already"]
+    lines += [f"  {v.name}: " + ", ".join(f"{k}={x}" for k, x in v.values.items()) for v in variants]
+    return "\n".join(lines)
+
+
+def write_plan(sweep_dir: Path, recipe_path: str, overrides: list[str], axes: list, names: list[str],
+                variants: list) -> None:
+    """Write the plan (`sweep.yaml`) before any variant runs: what `distill status` lists."""
+    dump_yaml({"recipe": str(recipe_path), "set": overrides, "vary": {a.key: a.raw for a in axes}, "stages": names,
+               "variants": {v.name: {"values": v.values, "stages": {n: f"stages/{v.keys[n]}" for n in names}}
+                            for v in variants}}, sweep_dir / PLAN)
 
 
 def clear_table(sweep_dir: Path) -> None:
