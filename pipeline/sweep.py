@@ -31,7 +31,7 @@ from typing import Any
 from pipeline import log
 from pipeline.config import ConfigError, config_hash, parse_value
 from pipeline.lock import LOCKS, acquire
-from pipeline.manifest import atomic_write_text
+from pipeline.manifest import MANIFEST, atomic_write_text
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.sweep_table import OUTPUTS, PLAN, clear_table, describe, write_plan, write_table
 from pipeline.tracking import make_tracker
@@ -188,6 +188,13 @@ def plan(recipe_path: str, axes: list[Axis], overrides: list[str], stages: list[
         raw = tuple(a.labels[i] for a, i in zip(axes, combo))
         variants.append(Variant(name=_variant_name(index, axes, raw), values=dict(zip((a.key for a in axes), raw)),
                                 recipe=recipe, keys=stage_keys(recipe)))
+    for variant in variants:
+        for name in names:
+            missing = [up for up in variant.recipe.upstream(name) if up not in names
+                       and not (sweep_dir / "stages" / variant.keys[up] / MANIFEST).is_file()]
+            if missing:
+                raise ConfigError(f"--stages: {name} reads @{missing[0]}, which is not among the stages run and not "
+                                  f"done in {sweep_dir} for variant {variant.name}; add {missing[0]} to --stages")
     seen: dict[tuple, Variant] = {}
     for variant in variants:
         same = seen.setdefault(tuple(variant.keys[n] for n in names), variant)

@@ -144,6 +144,14 @@ def test_sweep_refusals_are_one_line(tmp_path, capsys, vary, message):
     assert not (tmp_path / "s").exists(), "a refused sweep left a directory behind"
 
 
+def test_stages_that_read_an_unselected_unfinished_stage_are_refused(tmp_path, capsys):
+    code = distill(["sweep", str(write_recipe(tmp_path / "toy.yaml")), "--vary", "stages.score.width=1,2",
+                    "--stages", "numbers,score", "--run-dir", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--stages: score reads @total, which is not among the stages run" in err, err
+    assert not (tmp_path / "s").exists()
+
+
 def test_vary_values_split_outside_brackets_and_quotes():
     assert split_values("tinybert,pkd") == ["tinybert", "pkd"]
     assert split_values("{soft: 1, mlm: 0.5}, {hidden: 1}") == ["{soft: 1, mlm: 0.5}", "{hidden: 1}"]
