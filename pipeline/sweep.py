@@ -33,7 +33,7 @@ from pipeline.config import ConfigError, config_hash, parse_value
 from pipeline.lock import LOCKS, acquire
 from pipeline.manifest import MANIFEST, atomic_write_text
 from pipeline.recipe import Recipe, load_recipe
-from pipeline.sweep_table import OUTPUTS, PLAN, clear_table, describe, write_plan, write_table
+from pipeline.sweep_table import OUTPUTS, PLAN, clear_table, describe, scores, write_plan, write_table
 from pipeline.tracking import make_tracker
 from pipeline.tracking.store import sqlite_uri
 from pipeline.train.preempt import Preempted
@@ -287,6 +287,8 @@ def run_sweep(recipe_path: str, vary: list[str], *, overrides: list[str] | None 
                 if (reason := _run_variant(tracker, sweep_dir, variant, names, keep_going)) is not None:
                     failed[variant.name] = reason
             table = write_table(sweep_dir, axes, variants, names, score_stage, failed)
+            for row in table["variants"]:  # MLflow's run comparison lines the variants up on these
+                tracker.log_nested_metrics(sweep_dir / "variants" / row["variant"], scores(row))
             for name in OUTPUTS:
                 if (sweep_dir / name).is_file():
                     tracker.log_artifact(sweep_dir / name)

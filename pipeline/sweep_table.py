@@ -85,6 +85,12 @@ def rows(sweep_dir: Path, variants: list, names: list[str], score_stage: str | N
     return split, table
 
 
+def scores(row: dict) -> dict[str, float]:
+    """A row's numbers as `sweep/<name>` metrics for the variant's MLflow run."""
+    names = ("student_score", "teacher_score", "retention", "speedup", "student_params")
+    return {f"sweep/{name}": row[name] for name in names if row[name] is not None}
+
+
 def _cell(value: float | None, kind: str) -> str:
     if value is None:
         return "n/a"

@@ -46,6 +46,9 @@ class NullTracker:
     def nest(self, run_dir: Path, name: str, tags: dict[str, str]) -> None:
         """Open the pipeline run of another run directory as a child of this one (a sweep's variants)."""
 
+    def log_nested_metrics(self, run_dir: Path, metrics: dict[str, float]) -> None:
+        """Record metrics on the pipeline run of a nested run directory (a sweep variant's scores)."""
+
     def start_stage(self, name: str, stage_dir: Path, config: dict[str, Any], inputs: list) -> None:
         """Open (or reopen, on resume) a stage's run."""
 

@@ -298,6 +298,17 @@ class MlflowTracker(NullTracker):
 
         retry_locked(open_child, self.uri, self.config.locked_retry_s, "nest")
 
+    def log_nested_metrics(self, run_dir: Path, metrics: dict[str, float]) -> None:
+        """Record `metrics` on the run `nest` opened for `run_dir`, so MLflow's run comparison lines the variants up."""
+        from mlflow.entities import Metric
+
+        run_id = read_run_id(Path(run_dir))
+        batch = [Metric(k, v, int(time.time() * 1000), 0) for k, v in _numeric(metrics).items()]
+        if self.client is None or self.buffer is not None or run_id is None or not batch:
+            return
+        retry_locked(lambda: self.client.log_batch(run_id, metrics=batch), self.uri, self.config.locked_retry_s,
+                     "log_nested_metrics")
+
     def start_stage(self, name: str, stage_dir: Path, config: dict[str, Any], inputs: list,
                     time_ms: int | None = None) -> None:
         """Open (or continue, on resume) the stage's nested run; tag what it consumed."""

@@ -70,6 +70,7 @@ def test_sweep_shares_upstream_resumes_a_killed_variant_and_skips_on_rerun(tmp_p
     pkd2 = next(r for r in children if r.info.run_name == "toy/04-objective-pkd_width-2")
     assert pkd2.data.tags["distill.sweep.stages.score.objective"] == "pkd"
     assert pkd2.data.tags["distill.sweep.stages.score.width"] == "2"
+    assert pkd2.data.metrics["sweep/retention"] == pytest.approx(0.653 / 0.9) and pkd2.data.metrics["sweep/speedup"] == 4
     assert len(by_name["numbers"]) == 1 and len(by_name["total"]) == 1 and len(by_name["score"]) == 4
     assert {r.data.tags["mlflow.parentRunId"] for r in by_name["score"]} == {r.info.run_id for r in children}
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"sweep.md", "sweep.json", "sweep.png"}
