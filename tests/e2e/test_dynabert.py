@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.manifest import Manifest
-from tests.conftest import run_cli
+from pipeline.cli import main
 
 RECIPE = """
 run: {{name: tiny-dynabert, seed: 0}}
@@ -56,8 +56,7 @@ def dynabert_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dynabert")
     run_dir, recipe = root / "run", root / "recipe.yaml"
     recipe.write_text(RECIPE.format(teacher=tiny_teacher(root / "teacher"), sst2=SHARED_DATA / "sst2"))
-    done = run_cli("run", str(recipe), "--run-dir", str(run_dir))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["run", str(recipe), "--run-dir", str(run_dir)]) == 0
     return root, recipe, run_dir
 
 
@@ -98,7 +97,6 @@ def test_export_cuts_the_sub_network_the_grid_scored(dynabert_run, tmp_path, cap
     from transformers import AutoModelForSequenceClassification
 
     from kd import dynabert
-    from pipeline.cli import main
 
     _, _, run_dir = dynabert_run
     out = tmp_path / "w05d05"
