@@ -12,7 +12,6 @@ phase, epoch, step), so resuming gives the same weights as never stopping.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import shutil
@@ -72,16 +71,6 @@ def _one_rank():
     return World(rank=0, world_size=1, local_rank=0)
 
 
-def _saved_state(found: Path | None) -> dict | None:
-    if found is None:
-        return None
-    path = found / "state-rank0.json"
-    try:
-        return json.loads(path.read_text())["state"]
-    except (OSError, json.JSONDecodeError, KeyError) as err:
-        raise ManifestError(f"{path}: unreadable checkpoint state ({err}); delete {found} to resume from an earlier one") from None
-
-
 def _save_width_adaptive(stage_dir: Path, model: nn.Module) -> None:
     """Write `width_adaptive/` atomically (safetensors + config): complete or absent."""
     final, tmp = stage_dir / WIDTH_ADAPTIVE, stage_dir / f".tmp-{WIDTH_ADAPTIVE}"
@@ -120,7 +109,7 @@ def train(config: Config, ctx, student, teacher, data, pad_id: int, *, regressio
     per_epoch = math.ceil(n / config.batch_size)
     root = ctx.stage_dir / CKPT
     found = checkpoint.latest(root) if config.resume == "auto" else None
-    state = _saved_state(found)
+    state = checkpoint.peek_state(found)
     if found is not None:
         log.info(f"dynabert: resuming from {found.name} (phase {state['phase']}, step {state['step']})")
     counts = {"steps": 0, "resumed_from_step": state["global_step"] if state else 0}

@@ -9,7 +9,6 @@ a checkpoint holds weights, optimizer moments and the RNG state (hashed in its m
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from kd.introspect import AttentionCapture
 from kd.teachers import ATTENTION, place
 from pipeline import log
 from pipeline.config import ConfigError
-from pipeline.manifest import ManifestError
 from pipeline.train import checkpoint, dist, trainer
 from pipeline.train.engine import build_engine
 from stages.task.config import Config
@@ -134,17 +132,6 @@ def phase_loss(phase: str, config: Config, trainee, forward, teacher, batch: dic
     return loss
 
 
-def _saved_state(found: Path | None) -> dict | None:
-    """The trainer state (phase, step) of checkpoint `found`, read before an engine exists to load it into."""
-    if found is None:
-        return None
-    path = found / "state-rank0.json"
-    try:
-        return json.loads(path.read_text())["state"]
-    except (OSError, json.JSONDecodeError, KeyError) as err:
-        raise ManifestError(f"{path}: unreadable checkpoint state ({err}); delete {found} to resume from an earlier one") from None
-
-
 def _phase_params(trainee: Trainee, phase: str, trainable: set[str]) -> list:
     """What a phase trains: step 1 (hidden states and scores) the student's embeddings and layers and the
     projection; the prediction layer and PKD every trainable student parameter. The rest gets no gradient
@@ -169,7 +156,7 @@ def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, r
     trainee = Trainee(student, _projection(student, teacher))
     trainable = {name for name, p in trainee.named_parameters() if p.requires_grad}
     found = checkpoint.latest(root) if config.resume == "auto" else None
-    state = _saved_state(found)
+    state = checkpoint.peek_state(found)
     if found is not None:
         log.info(f"task: resuming from {found.name} (phase {state['phase']}, step {state['step']})")
     counts = {"teacher_train_examples": 0, "steps": 0, "resumed_from_step": state["global_step"] if state else 0}
