@@ -25,7 +25,6 @@ from kd import dynabert
 from kd.importance import head_neuron_importance, reorder
 from kd.losses import hard_loss
 from kd.teachers import place
-from pipeline import log
 from pipeline.manifest import ManifestError
 from pipeline.train import checkpoint, dist, trainer
 from pipeline.train.engine import build_engine
@@ -108,15 +107,11 @@ def train(config: Config, ctx, student, teacher, data, pad_id: int, *, regressio
     n, world = len(ids), ctx.world
     per_epoch = math.ceil(n / config.batch_size)
     root = ctx.stage_dir / CKPT
-    found = checkpoint.latest(root) if config.resume == "auto" else None
-    state = checkpoint.peek_state(found)
-    if found is not None:
-        log.info(f"dynabert: resuming from {found.name} (phase {state['phase']}, step {state['step']})")
+    found, state = trainer.resume_point(config, root, "dynabert")
     counts = {"steps": 0, "resumed_from_step": state["global_step"] if state else 0}
     global_step, engine = 0, None
     for index, (phase, epochs) in enumerate(config.phases()):
-        total = max(1, int(epochs * per_epoch))
-        total = min(total, config.max_steps) if config.max_steps else total
+        total = trainer.phase_steps(epochs, per_epoch, config.max_steps)
         if state is not None and state["phase"] > index:
             global_step += total
             continue

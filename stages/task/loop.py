@@ -19,7 +19,6 @@ from formats.taskdata import pad_batch
 from kd import losses
 from kd.introspect import AttentionCapture
 from kd.teachers import ATTENTION, place
-from pipeline import log
 from pipeline.config import ConfigError
 from pipeline.train import checkpoint, dist, trainer
 from pipeline.train.engine import build_engine
@@ -155,15 +154,11 @@ def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, r
     root = ctx.stage_dir / CKPT
     trainee = Trainee(student, _projection(student, teacher))
     trainable = {name for name, p in trainee.named_parameters() if p.requires_grad}
-    found = checkpoint.latest(root) if config.resume == "auto" else None
-    state = checkpoint.peek_state(found)
-    if found is not None:
-        log.info(f"task: resuming from {found.name} (phase {state['phase']}, step {state['step']})")
+    found, state = trainer.resume_point(config, root, "task")
     counts = {"teacher_train_examples": 0, "steps": 0, "resumed_from_step": state["global_step"] if state else 0}
     global_step, engine = 0, None
     for index, (phase, epochs) in enumerate(config.phases()):
-        total = max(1, int(epochs * per_epoch))
-        total = min(total, config.max_steps) if config.max_steps else total
+        total = trainer.phase_steps(epochs, per_epoch, config.max_steps)
         if state is not None and state["phase"] > index:
             global_step += total
             continue
