@@ -10,7 +10,6 @@ a checkpoint holds weights, optimizer moments and the RNG state (hashed in its m
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
