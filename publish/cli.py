@@ -21,10 +21,19 @@ def _store(args) -> tuple[str, object]:
 
 
 def cmd_export(args) -> int:
-    from publish.export import export
+    from publish.export import export, export_subnetwork
 
-    manifest = export(Path(args.stage_dir), args.checkpoint, Path(args.out))
-    print(f"exported {manifest.extra['checkpoint']} -> {Path(args.out) / manifest.extra['model_dir']} "
+    if (args.width is None) != (args.depth is None):
+        raise ConfigError("export: give --width and --depth together (a dynabert sub-network)")
+    if (args.checkpoint is None) == (args.width is None):
+        raise ConfigError("export: give --checkpoint step-N, or --width W --depth D for a dynabert stage (not both)")
+    if args.width is not None:
+        manifest = export_subnetwork(Path(args.stage_dir), args.width, args.depth, Path(args.out))
+        what = f"{args.stage_dir} width {args.width:g} depth {args.depth:g}"
+    else:
+        manifest = export(Path(args.stage_dir), args.checkpoint, Path(args.out))
+        what = manifest.extra["checkpoint"]
+    print(f"exported {what} -> {Path(args.out) / manifest.extra['model_dir']} "
           f"(model folder and MLflow Model; metrics: {', '.join(sorted(manifest.metrics))})")
     return 0
 
@@ -123,7 +132,9 @@ def add_parser(subparsers) -> None:
     """Add `distill export`, `distill predict` and `distill register` to the CLI."""
     p = subparsers.add_parser("export", help="turn a training checkpoint into a model folder and MLflow Model")
     p.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="the stage directory holding the checkpoints")
-    p.add_argument("--checkpoint", required=True, metavar="step-N", help="which checkpoint (complete ones only)")
+    p.add_argument("--checkpoint", metavar="step-N", help="which checkpoint (complete ones only)")
+    p.add_argument("--width", type=float, metavar="W", help="dynabert stage: the sub-network's width multiplier")
+    p.add_argument("--depth", type=float, metavar="D", help="dynabert stage: the sub-network's depth multiplier")
     p.add_argument("--out", required=True, metavar="DIR", help="new folder: manifest.json and model/")
     p.set_defaults(func=cmd_export)
 

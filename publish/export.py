@@ -4,6 +4,9 @@ The output directory looks like a finished stage: `manifest.json` (stage `export
 metrics and step, the source stage's inputs for lineage) and `model/`. So `distill register`, `distill
 predict` and a recipe's `model:` field take it as they take a stage directory, and promotion gates read
 the metrics the checkpoint was saved with.
+
+From a finished `dynabert` stage, `--width W --depth D` exports one sub-network instead of a checkpoint: the
+adaptive model cut to that width and depth (`kd.dynabert.cut`), with the scores its grid row reports.
 """
 
 from __future__ import annotations
@@ -55,11 +58,73 @@ def _upstream(stage_dir: Path) -> dict[str, tuple[str, Path]]:
     return found
 
 
+def _check_out(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: exists and is not empty; choose a new folder or remove it")
+
+
+def _publish(tmp: Path, out: Path, manifest: Manifest) -> None:
+    """Write the manifest last into `tmp`, then move it to `out`: the folder appears complete or not at all."""
+    manifest.write(tmp)
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+
+
+def _grid_row(stage_dir: Path, report: str, width: float, depth: float) -> dict:
+    rows = json.loads((stage_dir / report).read_text())["rows"]
+    for row in rows:
+        if row["width"] == width and row["depth"] == depth:
+            return row
+    have = ", ".join(f"{r['width']:g}/{r['depth']:g}" for r in rows)
+    raise ConfigError(f"{stage_dir}: no sub-network --width {width:g} --depth {depth:g} in its grid (width/depth: {have})")
+
+
+def export_subnetwork(stage_dir: Path, width: float, depth: float, out: Path) -> Manifest:
+    """Write `out/` (manifest.json + model/): the (width, depth) sub-network of a finished `dynabert` stage as a
+    plain Hugging Face BERT (FFN neurons and layers cut into smaller matrices, see `kd.importance` for heads),
+    with that grid row's scores as its metrics."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kd.dynabert import cut
+
+    stage_dir, out = Path(stage_dir), Path(out)
+    _check_out(out)
+    source = Manifest.load(stage_dir)
+    if source.extra.get("adaptive") != "dynabert":
+        raise ConfigError(f"{stage_dir}: a {source.stage} stage; --width/--depth cut sub-networks of a finished "
+                          "dynabert stage (use --checkpoint for other stages)")
+    source.verify(stage_dir)
+    row = _grid_row(stage_dir, source.extra["report"], width, depth)
+    folder = stage_dir / source.extra["model_dir"]
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    small = cut(model, width, depth)
+    metrics = {"width": width, "depth": depth, "params": row["params"], "export_params": row["export_params"],
+               **{f"dev_{k}": v for k, v in row["dev"].items()}, **{f"test_{k}": v for k, v in row["test"].items()}}
+    labels = source.extra.get("label_names") or None
+    inputs = {"model": (str(stage_dir), stage_dir)}
+    card = models.describe(stage_dir, _upstream(stage_dir), metrics,
+                           f"{stage_dir.parent.name}/{stage_dir.name} at width {width:g}, depth {depth:g}")
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    outputs = models.save_model(small, AutoTokenizer.from_pretrained(str(folder)), tmp, labels=labels, card=card)
+    config = {"stage_dir": str(stage_dir.resolve()), "width": width, "depth": depth}
+    manifest = Manifest(
+        stage=STAGE, name=f"{stage_dir.name}@w{width:g}_d{depth:g}", config_hash=config_hash(config), config=config,
+        version=__version__, git_commit=git_commit(),
+        inputs=[InputRef(name=k, ref=ref, path=str(p.resolve()), sha256=manifest_sha256(p)) for k, (ref, p) in inputs.items()],
+        outputs=outputs, metrics=metrics,
+        extra={"model_dir": models.MODEL_DIR, "source": str(stage_dir.resolve()), "label_names": labels,
+               "width": width, "depth": depth}, started=now(), finished=now())
+    _publish(tmp, out, manifest)
+    return manifest
+
+
 def export(stage_dir: Path, step: str, out: Path) -> Manifest:
     """Write `out/` (manifest.json + model/) from checkpoint `step` of `stage_dir`; return the manifest."""
     stage_dir, out = Path(stage_dir), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out}: exists and is not empty; choose a new folder or remove it")
+    _check_out(out)
     folder = find_checkpoint(stage_dir, step)
     meta = json.loads((folder / checkpoint.META).read_text())
     checkpoint.verify_files(folder, meta.get("files"))
@@ -84,8 +149,5 @@ def export(stage_dir: Path, step: str, out: Path) -> Manifest:
         outputs=outputs, metrics=metrics,
         extra={"model_dir": models.MODEL_DIR, "checkpoint": str(folder.resolve()), "label_names": labels},
         started=now(), finished=now())
-    manifest.write(tmp)
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    _publish(tmp, out, manifest)
     return manifest

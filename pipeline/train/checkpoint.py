@@ -187,6 +187,18 @@ def load(folder: Path, engine, world: World) -> dict[str, Any]:
     return saved["state"]
 
 
+def peek_state(found: Path | None) -> dict[str, Any] | None:
+    """The trainer state of checkpoint `found` (rank 0's), read before an engine exists to load it into (which
+    phase a multi-phase stage resumes in); None for no checkpoint."""
+    if found is None:
+        return None
+    path = found / "state-rank0.json"
+    try:
+        return json.loads(path.read_text())["state"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise ManifestError(f"{path}: unreadable checkpoint state ({err}); delete {found} to resume from an earlier one") from None
+
+
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors `save` kept in `folder` (hashed with the rest), or {} when it kept none."""
     from safetensors.torch import load_file

@@ -55,6 +55,22 @@ def resume(config, root: Path, engine, world) -> tuple[dict | None, Path | None]
     return (None, None) if last is None else (checkpoint.load(last, engine, world), last)
 
 
+def resume_point(config, root: Path, desc: str) -> tuple[Path | None, dict | None]:
+    """For a stage that trains in phases: the newest complete checkpoint under `root` (with `resume: auto`) and
+    its trainer state ({phase, step, global_step}), read before the phase's engine exists; else (None, None)."""
+    found = checkpoint.latest(root) if config.resume == "auto" else None
+    state = checkpoint.peek_state(found)
+    if found is not None:
+        log.info(f"{desc}: resuming from {found.name} (phase {state['phase']}, step {state['step']})")
+    return found, state
+
+
+def phase_steps(epochs: float, per_epoch: int, max_steps: int | None) -> int:
+    """Optimizer steps of a phase of `epochs` epochs (at least one), capped at `max_steps`."""
+    total = max(1, int(epochs * per_epoch))
+    return min(total, max_steps) if max_steps else total
+
+
 def _stop_requested(config, step: int) -> bool:
     """Every rank agrees: a signal on any rank (or the test hook) stops all at this step."""
     if config.preempt_at_step is not None and step == config.preempt_at_step:

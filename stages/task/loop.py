@@ -9,9 +9,7 @@ a checkpoint holds weights, optimizer moments and the RNG state (hashed in its m
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,9 +18,7 @@ from formats.taskdata import pad_batch
 from kd import losses
 from kd.introspect import AttentionCapture
 from kd.teachers import ATTENTION, place
-from pipeline import log
 from pipeline.config import ConfigError
-from pipeline.manifest import ManifestError
 from pipeline.train import checkpoint, dist, trainer
 from pipeline.train.engine import build_engine
 from stages.task.config import Config
@@ -134,17 +130,6 @@ def phase_loss(phase: str, config: Config, trainee, forward, teacher, batch: dic
     return loss
 
 
-def _saved_state(found: Path | None) -> dict | None:
-    """The trainer state (phase, step) of checkpoint `found`, read before an engine exists to load it into."""
-    if found is None:
-        return None
-    path = found / "state-rank0.json"
-    try:
-        return json.loads(path.read_text())["state"]
-    except (OSError, json.JSONDecodeError, KeyError) as err:
-        raise ManifestError(f"{path}: unreadable checkpoint state ({err}); delete {found} to resume from an earlier one") from None
-
-
 def _phase_params(trainee: Trainee, phase: str, trainable: set[str]) -> list:
     """What a phase trains: step 1 (hidden states and scores) the student's embeddings and layers and the
     projection; the prediction layer and PKD every trainable student parameter. The rest gets no gradient
@@ -168,15 +153,11 @@ def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, r
     root = ctx.stage_dir / CKPT
     trainee = Trainee(student, _projection(student, teacher))
     trainable = {name for name, p in trainee.named_parameters() if p.requires_grad}
-    found = checkpoint.latest(root) if config.resume == "auto" else None
-    state = _saved_state(found)
-    if found is not None:
-        log.info(f"task: resuming from {found.name} (phase {state['phase']}, step {state['step']})")
+    found, state = trainer.resume_point(config, root, "task")
     counts = {"teacher_train_examples": 0, "steps": 0, "resumed_from_step": state["global_step"] if state else 0}
     global_step, engine = 0, None
     for index, (phase, epochs) in enumerate(config.phases()):
-        total = max(1, int(epochs * per_epoch))
-        total = min(total, config.max_steps) if config.max_steps else total
+        total = trainer.phase_steps(epochs, per_epoch, config.max_steps)
         if state is not None and state["phase"] > index:
             global_step += total
             continue
