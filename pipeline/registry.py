@@ -28,6 +28,7 @@ STAGES: dict[str, str] = {
     "task": "stages.task",
     "register": "stages.register",
     "report": "stages.report",
+    "prune": "stages.prune",
 }
 """Every stage type the pipeline knows, by the name recipes use."""
 
