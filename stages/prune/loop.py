@@ -107,12 +107,10 @@ def train(config: Config, ctx, model, teacher, data, pad_id: int, evaluate, *, r
         if engine is not None:  # a fresh module per round, holding the last round's trained weights
             model = _fresh(engine)
         seed = ctx.seed * 7919 + index * 101
-        if state is None or state["round"] != index:
+        fresh_round = state is None or state["round"] != index
+        if fresh_round:
             masks, units = _prune(config, model, masks, units, target, lambda i: batch_at(i, seed + 13), regression)
-            if config.rewind_step is not None and rewind:
-                model.load_state_dict(rewind, strict=True)
-        params = pruning.prunable(model)
-        pruning.apply_masks(params, masks)
+        start_round(model, masks, rewind if fresh_round and config.rewind_step is not None else None)
         settings = config.engine_settings(total_steps=per_round, world=world,
                                           micro_batch_size=-(-config.batch_size // world.world_size))
         engine = build_engine(model, settings=settings, world=world)
@@ -161,6 +159,13 @@ def train(config: Config, ctx, model, teacher, data, pad_id: int, evaluate, *, r
         state = None
     pruned = engine.exported(lambda: type(model)(model.config))
     return pruned, masks, history, units, counts
+
+
+def start_round(model, masks: dict, rewind: dict | None) -> None:
+    """A round's starting weights: the rewind point (when given and taken), with this round's masks applied."""
+    if rewind:
+        model.load_state_dict(rewind, strict=True)
+    pruning.apply_masks(pruning.prunable(model), masks)
 
 
 def _fresh(engine):
