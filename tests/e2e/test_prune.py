@@ -20,10 +20,16 @@ RECIPE = """
 run: {{name: tiny-prune, seed: 0}}
 tracking: {{enabled: false}}
 stages:
-  prune_mag:
+  prune_mag: &tiny
     stage: prune
     model_path: {model}
-    data: &data {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 80, limit_dev: 32, max_length: 24}}
+    data: {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 80, limit_dev: 32, max_length: 24}}
+    batch_size: 8
+    lr: 1.0e-3
+    device: cpu
+    latency_repeats: 1
+    latency_batch_size: 2
+    latency_seq_len: 8
     test_fraction: 0.2
     mode: iterative
     rate: 0.3
@@ -31,46 +37,30 @@ stages:
     rewind_step: 2
     distill_alpha: 0.5
     max_steps: 4
-    batch_size: 8
-    lr: 1.0e-3
     eval_every: 2
     checkpoint_every: 2
     keep_last: 20
-    device: cpu
-    latency_repeats: 1
-    latency_batch_size: 2
-    latency_seq_len: 8
   prune_layer:
-    stage: prune
-    model_path: {model}
-    data: *data
+    <<: *tiny
+    test_fraction: 0.1
     scope: layer
     sparsity: 0.9
     rewind_step: null
     max_steps: 2
-    batch_size: 8
-    lr: 1.0e-3
-    device: cpu
-    latency_repeats: 1
-    latency_batch_size: 2
-    latency_seq_len: 8
+    mode: oneshot
+    distill_alpha: 0.0
   prune_heads:
-    stage: prune
-    model_path: {model}
-    data: *data
+    <<: *tiny
+    test_fraction: 0.1
     method: structured
     scope: layer
     sparsity: 0.5
+    mode: oneshot
+    distill_alpha: 0.0
+    rewind_step: 0
     importance_batches: 2
     max_steps: 2
-    batch_size: 8
-    lr: 1.0e-3
-    device: cpu
-    latency_repeats: 1
-    latency_batch_size: 2
-    latency_seq_len: 8
 """
-PARTS = ("query", "key", "value")
 
 
 def tiny_classifier_folder(folder):
