@@ -103,7 +103,8 @@ def run(config: Config, ctx):
         exported = shrink(pruned, units["heads"], units["neurons"])
     unpruned = _load(folder, num_labels).to(where)
     baseline = evaluate(unpruned)
-    final = evaluate(exported.to(where))
+    # The magnitude export is the last round's weights, scored at its end; a shrunk one is scored again.
+    final = evaluate(exported.to(where)) if units is not None else {k: history[-1][k] for k in ("dev", "test")}
     speed = compare({"unpruned": unpruned.float(), "pruned": exported.float()}, vocab_size=tokenizer.vocab_size,
                     batch_size=config.latency_batch_size, seq_len=config.latency_seq_len, repeats=config.latency_repeats)
     sparsity = report.sparsity_record(config, masks, exported, units)
