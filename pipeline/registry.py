@@ -29,6 +29,7 @@ STAGES: dict[str, str] = {
     "dynabert": "stages.dynabert",
     "register": "stages.register",
     "report": "stages.report",
+    "prune": "stages.prune",
 }
 """Every stage type the pipeline knows, by the name recipes use."""
 

@@ -102,7 +102,8 @@ def tokens_in(batch) -> int:
 def fit(engine, config, *, total: int, next_batch: Callable[[], dict], loss: Callable, ctx, root: Path, desc: str,
         state: Callable[[], dict] = dict, evaluate: Callable[[int], dict] | None = None, eval_every: int = 0,
         eval_final: bool = False, stop: Callable[[dict], bool] | None = None, step_offset: int = 0,
-        save_final: bool = False, tensors: Callable[[], dict] | None = None, loss_metric: str = "train_loss") -> dict:
+        save_final: bool = False, tensors: Callable[[], dict] | None = None, loss_metric: str = "train_loss",
+        after_step: Callable[[int], None] | None = None) -> dict:
     """Train until `engine.global_step == total`; return the last logged parts (`train/<name>`), steps, tokens/s.
 
     `evaluate(step)` runs every `eval_every` steps before the last (and at the last with `eval_final`); `stop(metrics)`
@@ -110,7 +111,8 @@ def fit(engine, config, *, total: int, next_batch: Callable[[], dict], loss: Cal
     `root/step-{step_offset + step}` every `config.checkpoint_every` steps, on a preemption signal, and at
     the last step with `save_final`; a signal then raises `preempt.Preempted`. A checkpoint's meta.json carries
     that step's loss (as `loss_metric`) and the evaluation metrics of that step, so `distill export` can hand
-    them to promotion gates.
+    them to promotion gates. `after_step(step)` runs right after every optimizer step, before evaluation and
+    checkpoints see the weights (pruning re-applies its masks there).
     """
     world, window, last = ctx.world, Window(), {}
     tokens, started, first = 0, time.perf_counter(), engine.global_step
@@ -127,6 +129,8 @@ def fit(engine, config, *, total: int, next_batch: Callable[[], dict], loss: Cal
             if not engine.step():
                 continue
             step = engine.global_step
+            if after_step is not None:
+                after_step(step)
             progress.advance()
             if step % config.log_every == 0 or step == total:
                 last = window.flush()
