@@ -26,6 +26,7 @@ STAGES: dict[str, str] = {
     "teacher_finetune": "stages.teacher_finetune",
     "augment": "stages.augment",
     "task": "stages.task",
+    "fastbert": "stages.fastbert",
     "register": "stages.register",
     "report": "stages.report",
 }
