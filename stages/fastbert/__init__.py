@@ -66,7 +66,8 @@ def _training_texts(config: Config, ctx, train, keep: np.ndarray, test: np.ndarr
     return texts + extra, len(extra)
 
 
-def train_branches(config: Config, ctx, classifier, branches: Branches, ids, types, pad_id: int) -> tuple[Branches, dict]:
+def train_branches(config: Config, ctx, classifier, branches: Branches, ids, types,
+                   pad_id: int) -> tuple[Branches, dict]:
     """Self-distil `branches` from `classifier`'s final classifier through the one trainer; return (the trained
     branches on rank 0, None elsewhere; {steps, resumed_from_step})."""
     world, n = ctx.world, len(ids)
@@ -138,11 +139,10 @@ def run(config: Config, ctx):
     report = grid_report.build(config, model, test_ex, (dev.texts, dev.labels))
     summary = report["summary"]
     summary.update(task=config.data.task, **counts, train_texts=len(ids), augmented_texts=n_aug)
-    model.default_speed = summary["chosen_speed"]
     metrics = grid_report.metrics(report)
     outputs = early_exit.save(ctx.stage_dir, classifier, trained, tokenizer, default_speed=summary["chosen_speed"],
-                              max_length=config.data.max_length, labels=train.label_names, examples=[t[0] for t in dev.texts[:3]],
-                              card=models.card(ctx, metrics))
+                              max_length=config.data.max_length, labels=train.label_names,
+                              examples=[t[0] for t in dev.texts[:3]], card=models.card(ctx, metrics))
     atomic_write_text(ctx.stage_dir / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
     atomic_write_text(ctx.stage_dir / "report.md", grid_report.markdown(report))
     grid_report.plot(report, ctx.stage_dir / "report.png")

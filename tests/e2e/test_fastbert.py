@@ -28,7 +28,7 @@ stages:
     eval_every: 3
     lr: 1.0e-3
     device: cpu
-  fastbert:
+  fastbert: &fastbert
     data: *data
     teacher: "@teacher_finetune"
     test_fraction: 0.25
@@ -44,21 +44,8 @@ stages:
     latency_repeats: 1
     eval_batch_size: 8
   fastbert_killed:
+    <<: *fastbert
     stage: fastbert
-    data: *data
-    teacher: "@teacher_finetune"
-    test_fraction: 0.25
-    branch_width: 16
-    max_steps: 6
-    batch_size: 8
-    lr: 5.0e-3
-    checkpoint_every: 2
-    keep_last: 10
-    device: cpu
-    speeds: [0.0, 0.5, 0.9, 1.0]
-    latency_examples: 8
-    latency_repeats: 1
-    eval_batch_size: 8
 """
 
 

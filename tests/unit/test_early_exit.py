@@ -85,3 +85,19 @@ def test_branches_refuse_a_one_layer_backbone():
                         intermediate_size=32, num_labels=2)
     with pytest.raises(ValueError, match=">= 2 layers"):
         Branches(spec_of(BertForSequenceClassification(config)))
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"speeds": [0.5, 0.1]}, "speeds"), ({"speeds": [0.0, 1.5]}, "speeds"), ({"test_fraction": 1.0}, "test_fraction"),
+    ({"branch_width": 10, "branch_heads": 3}, "branch_heads"), ({"temperature": 0}, "temperature"),
+    ({"data": {"task": "stsb"}}, "regression"), ({"teacher_path": "x"}, "exactly one of teacher"),
+])
+def test_fastbert_config_errors_name_the_key(bad, key):
+    from formats.taskdata import TaskData
+    from stages.fastbert.config import Config
+
+    fields = {"teacher": "@teacher_finetune", **bad}
+    if "data" in fields:
+        fields["data"] = TaskData(**fields["data"])
+    with pytest.raises(ValueError, match=key):
+        Config(**fields)
