@@ -115,14 +115,16 @@ def plot(report: dict, path) -> None:
     plt = _pyplot()
     s, t, grid = report["summary"], report["teacher"], report["grid"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
-    left.plot([r["speedup"] for r in grid], [100 * r["test_accuracy"] for r in grid], "o-", label="early exit")
+    left.plot([r["speedup"] for r in grid], [100 * r["test_accuracy"] for r in grid], "o-", label="early exit (measured)")
+    left.plot([r["layer_speedup"] for r in grid], [100 * r["test_accuracy"] for r in grid], "o--", mfc="none",
+              color="tab:gray", label="early exit (layers: L / avg layers)")
     for r in grid:
         left.annotate(f"S={r['speed']:g}", (r["speedup"], 100 * r["test_accuracy"]), fontsize=7,
                       textcoords="offset points", xytext=(3, 3))
     left.plot([1.0], [100 * t["test_accuracy"]], "k*", markersize=12, label="full model")
     left.axhline(100 * t["test_accuracy"] - s["max_drop"], color="tab:red", ls="--", lw=1,
                  label=f"full model - {s['max_drop']:g} pt")
-    left.set_xlabel("measured CPU speed-up (x)")
+    left.set_xlabel("speed-up over the full model (x)")
     left.set_ylabel("test accuracy (%)")
     left.set_title("accuracy vs speed")
     left.grid(alpha=0.3)
