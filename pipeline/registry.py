@@ -27,6 +27,7 @@ STAGES: dict[str, str] = {
     "augment": "stages.augment",
     "task": "stages.task",
     "dynabert": "stages.dynabert",
+    "fastbert": "stages.fastbert",
     "register": "stages.register",
     "report": "stages.report",
     "prune": "stages.prune",

@@ -41,7 +41,12 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     from publish import predict
 
-    if args.model.startswith(("runs:/", "models:/")):
+    if args.speed is not None and args.model.startswith(("runs:/", "models:/")):
+        raise ConfigError(f"{args.model}: --speed needs a fastbert stage directory (its branches.json), not a "
+                          "registry URI")
+    if args.speed is not None:
+        model = None
+    elif args.model.startswith(("runs:/", "models:/")):
         import mlflow
 
         uri, _ = _store(args)
@@ -70,7 +75,8 @@ def cmd_predict(args) -> int:
             lines = Path(args.input).read_text().splitlines()
         except OSError as err:
             raise ConfigError(f"{args.input}: cannot read it ({err.strerror})") from None
-    for row in predict.rows(model, lines):
+    found = predict.rows(model, lines) if model is not None else predict.early_exit_rows(args.model, lines, args.speed)
+    for row in found:
         print(predict.dumps(row))
     return 0
 
@@ -141,6 +147,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("predict", help="labels and scores for lines of text, through the MLflow Model")
     p.add_argument("model", metavar="MODEL_URI", help="model folder, stage or export directory, runs:/ or models:/")
     p.add_argument("input", nargs="?", default="-", metavar="FILE|-", help="one text per line (default: stdin)")
+    p.add_argument("--speed", type=float, metavar="S",
+                   help="FastBERT early exit at speed threshold S in [0, 1] (a fastbert stage directory; 0: full model)")
     _store_args(p)
     p.set_defaults(func=cmd_predict)
 
