@@ -55,7 +55,8 @@ def _provenance(config: Config, ctx, teacher_dir: Path, model) -> dict:
         "corpus_manifest_sha256": ctx.inputs["corpus"].sha256,
         "mask_seed": config.mask_seed, "mask_rate": config.mask_rate, "whole_word": config.whole_word,
         "k": config.k, "dtype": config.dtype,
-        "sampled": config.sampled, "sample_temperature": 1.0, "cls_hidden": config.cls_hidden,
+        "sampled": config.sampled, "sample_temperature": float(config.sample_temperature),
+        "tail_temperatures": config.stored_tail_temperatures, "cls_hidden": config.cls_hidden,
     }
 
 
@@ -153,3 +154,7 @@ def verify(manifest: Manifest, stage_dir: Path) -> None:
             if record.topk_ids.shape[1] != prov["k"]:
                 raise ManifestError(f"{path}: sample {record.key!r} has k={record.topk_ids.shape[1]}, provenance says {prov['k']}")
             fmt.check_record(record, path, vocab)
+            tempered = 0 if record.tail_logmass_t is None else record.tail_logmass_t.shape[1]
+            if tempered != len(prov.get("tail_temperatures", [1.0])) - 1:
+                raise ManifestError(f"{path}: sample {record.key!r} has {tempered} tempered tails, provenance lists "
+                                    f"tail_temperatures {prov.get('tail_temperatures', [1.0])}")
