@@ -1,9 +1,10 @@
 """Stage `cache`: run a frozen teacher once over the sharded corpus and keep its masked-LM outputs on disk.
 
 Per masked position (masks fixed by `mask_seed` and the sample key, see kd/masking.py) a shard stores the
-teacher's top-k log-probabilities and ids, the log of the mass outside the top-k and, as options, ids drawn
-from the teacher distribution with their counts (Anshumann et al. 2025, "Sparse logit sampling") and the
-[CLS] state of every layer. One cache shard per corpus shard, `<teacher_id>/<shard>.cache`.
+teacher's top-k log-probabilities and ids, the log of the mass outside the top-k, the log tempered tail at
+each of `tail_temperatures` (so top-k targets are exact at those T) and, as options, ids drawn from the
+teacher distribution at `sample_temperature` with their counts (Anshumann et al. 2025, "Sparse logit
+sampling") and the [CLS] state of every layer. One cache shard per corpus shard, `<teacher_id>/<shard>.cache`.
 
 Array-parallel: worker i of n does shards i, i+n, ...; complete shards are skipped on rerun; whichever
 worker finds every shard done writes the manifest. Shards depend only on their corpus shard and the
