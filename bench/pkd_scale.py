@@ -89,6 +89,11 @@ def main() -> None:
         t = _terms(config, trainee, teacher, held)
         print(f"| {when} | {t['hard']:.3f} | {t['soft']:.3f} | {t['soft_kl']:.3f} | {t['cls_paper']:.1f} | {t['cls_mean']:.3f} |")
 
+    scratch = build_classifier(None, StudentConfig(init="scratch", num_layers=3, hidden_size=384, num_heads=12,
+                                                   intermediate_size=1536), teacher, 2)
+    saved, trainee = trainee, Trainee(scratch, _projection(scratch, teacher))
+    row("random student (init: scratch)")
+    trainee = saved
     row("student cut from the teacher")
     opt = torch.optim.AdamW(trainee.parameters(), lr=5e-5)
     trainee.train()
