@@ -43,9 +43,9 @@ class Trainee(nn.Module):
             student = build_student(config.student, teacher)
         except ValueError as err:
             raise ConfigError(f"student: {err}") from None
-        weights = config.loss
-        return cls(student, teacher.config.hidden_size, hidden=config.projection and bool(weights.hidden or weights.cosine),
-                   embed=config.projection and bool(weights.embedding))
+        weights, on = config.loss, config.projection
+        return cls(student, teacher.config.hidden_size, hidden=on and bool(weights.hidden or weights.cosine),
+                   embed=on and bool(weights.embedding))
 
     def trained_parameters(self, weights: dict) -> list[tuple[str, nn.Parameter]]:
         """The parameters the enabled loss terms (`objectives.enabled`) reach, for the engine to train: the MLM

@@ -158,7 +158,8 @@ def _phase_params(trainee: Trainee, phase: str, trainable: set[str]) -> list:
         named = [(f"student.{student.base_model_prefix}.{n}", p) for n, p in student.base_model.named_parameters()
                  if not n.startswith("pooler.")] + proj
     else:
-        named = [(f"student.{n}", p) for n, p in student.named_parameters()] + (proj if phase == "pkd" and student.config.num_hidden_layers > 1 else [])
+        pkd_proj = proj if phase == "pkd" and student.config.num_hidden_layers > 1 else []  # no [CLS] pair: unused
+        named = [(f"student.{n}", p) for n, p in student.named_parameters()] + pkd_proj
     return [(n, p) for n, p in named if n in trainable]
 
 
