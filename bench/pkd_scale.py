@@ -50,7 +50,8 @@ def _terms(config: Config, trainee, teacher, batches: list[dict]) -> dict[str, f
             s, t = student(**inputs, output_hidden_states=True), teacher(**inputs, output_hidden_states=True)
             s_cls = [trainee.proj(s.hidden_states[m][:, 0]) for m in range(1, len(mapping) + 1)]
             t_cls = [t.hidden_states[g][:, 0] for g in mapping]
-            paper = sum((F.normalize(a, dim=-1) - F.normalize(b, dim=-1)).pow(2).sum(-1).mean() for a, b in zip(s_cls, t_cls))
+            paper = sum((F.normalize(a, dim=-1) - F.normalize(b, dim=-1)).pow(2).sum(-1).mean()
+                        for a, b in zip(s_cls, t_cls))
             sums["hard"] += (1 - config.alpha) * F.cross_entropy(s.logits, batch["labels"]).item()
             sums["soft"] += config.alpha * L.task_soft_ce(s.logits, t.logits, config.temperature).item()
             sums["soft_kl"] += config.alpha * L.kl_full(s.logits, t.logits, config.temperature).item()
@@ -82,12 +83,14 @@ def main() -> None:
     student = build_classifier(None, StudentConfig(num_layers=3, layer_selection="first"), teacher, 2)
     trainee = Trainee(student, _projection(student, teacher))
     print(f"alpha {config.alpha}, beta {config.beta}, T {config.temperature}; weighted terms, mean of 4 batches of 32")
-    print("| when | (1-alpha) hard CE | alpha soft CE (T^2) | alpha soft KL (T^2) | beta [CLS] paper sum | beta [CLS] mean (ours) |")
+    print("| when | (1-alpha) hard CE | alpha soft CE (T^2) | alpha soft KL (T^2) | beta [CLS] paper sum "
+          "| beta [CLS] mean (ours) |")
     print("|---|---|---|---|---|---|")
 
     def row(when: str) -> None:
         t = _terms(config, trainee, teacher, held)
-        print(f"| {when} | {t['hard']:.3f} | {t['soft']:.3f} | {t['soft_kl']:.3f} | {t['cls_paper']:.1f} | {t['cls_mean']:.3f} |")
+        print(f"| {when} | {t['hard']:.3f} | {t['soft']:.3f} | {t['soft_kl']:.3f} | {t['cls_paper']:.1f} "
+              f"| {t['cls_mean']:.3f} |")
 
     scratch = build_classifier(None, StudentConfig(init="scratch", num_layers=3, hidden_size=384, num_heads=12,
                                                    intermediate_size=1536), teacher, 2)
