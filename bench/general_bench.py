@@ -54,10 +54,11 @@ def _with_topk(teacher, batch: dict, k: int = 32) -> dict:
     from kd.teachers import teacher_targets
     from stages.general.data import teacher_logits
 
-    targets = teacher_targets(teacher_logits(teacher, batch), k)
+    targets = teacher_targets(teacher_logits(teacher, batch), k, tail_temperatures=(2.0,))  # the config's T
     return {**batch, "topk_ids": torch.from_numpy(targets["topk_ids"].astype(np.int64)),
             "topk_logp": torch.from_numpy(targets["topk_logp"].astype(np.float32)),
-            "tail_logmass": torch.from_numpy(targets["tail_logmass"].astype(np.float32))}
+            "tail_logmass": torch.from_numpy(targets["tail_logmass"].astype(np.float32)),
+            "tail_logmass_t": torch.from_numpy(targets["tail_logmass_t"])}
 
 
 def _matmul(m: int, k: int, n: int):
@@ -111,7 +112,8 @@ def run(quick: bool = False) -> dict[str, float]:
     steps, batch, seq = (4, 16, 64) if quick else (8, 32, 128)
     tokenizer, teacher, trainee, plan, engine = trainer_pieces(batch)
     batches = [_with_topk(teacher, b) for b in _batches(tokenizer, steps, batch, seq)]
-    cached, online = SimpleNamespace(online=False, teacher=teacher), SimpleNamespace(online=True, teacher=teacher)
+    cached = SimpleNamespace(online=False, teacher=teacher, tail_column=0)  # column 0: the tail at T=2
+    online = SimpleNamespace(online=True, teacher=teacher, tail_column=None)
 
     def train_step(b, setup):
         loss, _ = plan(engine, b, setup)

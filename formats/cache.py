@@ -12,6 +12,7 @@ records, so equal inputs give byte-identical shards.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,9 @@ class CacheRecord:
     """[n_masked, s] how many of the s draws gave each id (rows sum to s)."""
     cls_hidden: np.ndarray | None = None
     """[layers + 1, hidden] float16 teacher [CLS] states (embeddings first), optional."""
+    tail_logmass_t: np.ndarray | None = None
+    """[n_masked, len(tail temperatures besides 1)] float32: log sum over ids outside the top-k of p^(1/T),
+    one column per temperature in the provenance's `tail_temperatures` after 1.0 (`tail_column`)."""
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -76,6 +80,8 @@ def _columns(records: list[CacheRecord], vocab_size: int, max_seq_len: int) -> d
         "topk_logp": np.concatenate([r.topk_logp for r in records]).astype(np.float16),
         "tail_logmass": np.concatenate([r.tail_logmass for r in records]).astype(np.float32),
     }
+    if records[0].tail_logmass_t is not None:
+        cols["tail_logmass_t"] = np.concatenate([r.tail_logmass_t for r in records]).astype(np.float32)
     if records[0].sampled_ids is not None:
         draws = records[0].sampled_ids.shape[1]
         cols["sampled_ids"] = np.concatenate([r.sampled_ids for r in records]).astype(ids)
@@ -174,6 +180,7 @@ def read_cache_shard(path: Path) -> Iterator[CacheRecord]:
             sampled_ids=cols["sampled_ids"][lo:hi] if "sampled_ids" in cols else None,
             sampled_counts=cols["sampled_counts"][lo:hi] if "sampled_counts" in cols else None,
             cls_hidden=cols["cls_hidden"][i] if "cls_hidden" in cols else None,
+            tail_logmass_t=cols["tail_logmass_t"][lo:hi] if "tail_logmass_t" in cols else None,
         )
 
 
@@ -181,7 +188,8 @@ def check_record(record: CacheRecord, path: Path, vocab_size: int) -> None:
     """Raise ManifestError unless the record's rows are sorted, finite and in range."""
     logp = record.topk_logp.astype(np.float32)
     where = f"{path}: sample {record.key!r}"
-    if not (np.isfinite(logp).all() and np.isfinite(record.tail_logmass).all()):
+    tempered = record.tail_logmass_t if record.tail_logmass_t is not None else np.zeros(0, np.float32)
+    if not (np.isfinite(logp).all() and np.isfinite(record.tail_logmass).all() and np.isfinite(tempered).all()):
         raise ManifestError(f"{where}: non-finite teacher log-probabilities; rebuild the cache")
     if logp.size and (np.diff(logp, axis=1) > 0).any():
         raise ManifestError(f"{where}: top-k rows are not sorted descending; rebuild the cache")
@@ -234,6 +242,44 @@ def check_provenance(cache_manifest, corpus_manifest, *, tokenizer_sha256: str |
     if teacher_id is not None and prov.get("teacher_id") != teacher_id:
         raise ConfigError(f"cache {cache.name!r} holds teacher {prov.get('teacher_id')!r}, not {teacher_id!r}; "
                           "point at the cache of that teacher")
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(float(a), float(b), rel_tol=1e-9)
+
+
+def tail_column(cache_manifest, temperature: float) -> int | None:
+    """The `tail_logmass_t` column holding the top-k tail at `temperature` (None at T=1: `tail_logmass`).
+
+    ConfigError when the cache did not store that temperature. A cache written before `tail_temperatures`
+    existed has no such key in its provenance: it holds the exact tail at T=1 only, so it is read at T=1
+    and refused at any other temperature.
+    """
+    from pipeline.config import ConfigError
+
+    prov = cache_manifest.extra["provenance"]
+    stored = [float(t) for t in prov.get("tail_temperatures", [1.0])]
+    if _same(temperature, 1.0):
+        return None
+    for column, t in enumerate(stored[1:]):
+        if _same(temperature, t):
+            return column
+    old = "" if "tail_temperatures" in prov else " (it predates tail_temperatures)"
+    raise ConfigError(f"temperature {temperature:g}: cache {cache_manifest.name!r} stores the top-k tail at "
+                      f"temperatures {stored}{old}; add {temperature:g} to the cache's tail_temperatures and "
+                      "rebuild it, or train at one of those")
+
+
+def check_sample_temperature(cache_manifest, temperature: float) -> None:
+    """ConfigError unless the cache's sampled ids were drawn at the training `temperature` (sampled soft CE
+    is unbiased only then)."""
+    from pipeline.config import ConfigError
+
+    drawn = float(cache_manifest.extra["provenance"].get("sample_temperature", 1.0))
+    if not _same(temperature, drawn):
+        raise ConfigError(f"temperature {temperature:g}: cache {cache_manifest.name!r} drew its sampled ids at "
+                          f"sample_temperature {drawn:g}; set temperature: {drawn:g}, or rebuild the cache with "
+                          f"sample_temperature: {temperature:g}")
 
 
 class CacheLookup:
@@ -291,7 +337,8 @@ class CacheLookup:
             topk_logp=cols["topk_logp"][lo:hi], tail_logmass=cols["tail_logmass"][lo:hi],
             sampled_ids=cols["sampled_ids"][lo:hi] if "sampled_ids" in cols else None,
             sampled_counts=cols["sampled_counts"][lo:hi] if "sampled_counts" in cols else None,
-            cls_hidden=cols["cls_hidden"][i] if "cls_hidden" in cols else None)
+            cls_hidden=cols["cls_hidden"][i] if "cls_hidden" in cols else None,
+            tail_logmass_t=cols["tail_logmass_t"][lo:hi] if "tail_logmass_t" in cols else None)
 
     def gather(self, keys: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(masked rows per key, row-level columns of all keys concatenated in key order), one copy per column."""

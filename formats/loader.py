@@ -59,6 +59,8 @@ def collate_masked(masked: MaskedBatch, pad_id: int, cache: tuple | None = None)
         batch["topk_ids"] = torch.from_numpy(cols["topk_ids"].astype(np.int64))
         batch["topk_logp"] = torch.from_numpy(cols["topk_logp"].astype(np.float32))
         batch["tail_logmass"] = torch.from_numpy(cols["tail_logmass"].astype(np.float32))
+        if "tail_logmass_t" in cols:
+            batch["tail_logmass_t"] = torch.from_numpy(cols["tail_logmass_t"].astype(np.float32))
         if "sampled_ids" in cols:
             batch["sampled_ids"] = torch.from_numpy(cols["sampled_ids"].astype(np.int64))
             batch["sampled_counts"] = torch.from_numpy(cols["sampled_counts"].astype(np.float32))

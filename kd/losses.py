@@ -58,19 +58,19 @@ def soft_ce_topk(
     tail_logmass: Tensor | None = None,
     temperature: float = 1.0,
 ) -> Tensor:
-    """Soft cross-entropy against a cached top-k teacher distribution, T^2-scaled.
+    """Soft cross-entropy against a cached top-k teacher distribution at temperature T, T^2-scaled.
 
     The cache holds, per masked position, the teacher's k most likely ids, their log-probabilities at T=1
-    (`topk_logp`, p_i = exp) and optionally the log of the remaining mass t = 1 - sum p_i (`tail_logmass`).
-
-    How the teacher is tempered: the tail mass is assumed spread evenly over the other V-k tokens (each
-    t / (V-k)), so at temperature T every token gets weight p^(1/T) and the k+1 buckets are
-        q_i    = p_i^(1/T) / Z                          for the k cached ids
-        q_tail = (V-k) * (t / (V-k))^(1/T) / Z          for all other tokens as one bucket
-    with Z making them sum to 1. At T=1 this is exactly (p_i, t). The student side uses the same buckets:
-    its log-probabilities at T on the k ids, and log(1 - sum of those) for the tail. Without `tail_logmass`
-    the top-k is renormalised (q_i = softmax(topk_logp / T)) and the tail is dropped. With k = V this equals
-    `soft_ce_full`.
+    (`topk_logp`, log p_i) and optionally the tempered weight of every other token, as one number:
+        tail_logmass = log sum_{v not in the top-k} p_v^(1/T)
+    (at T=1 the log of the mass outside the top-k; the cache stores it at each of its `tail_temperatures`,
+    and the caller passes the one of the training T). The tempered teacher softmax(t / T) is then exactly
+        q_i    = p_i^(1/T) / Z                 for the k cached ids
+        q_tail = exp(tail_logmass) / Z         for all other tokens as one bucket
+    with Z = sum_i p_i^(1/T) + exp(tail_logmass). The student side uses the same buckets: its
+    log-probabilities at T on the k ids, and the log of its tempered mass on all other ids. Without
+    `tail_logmass` the top-k is renormalised (q_i = softmax(topk_logp / T)) and the tail is dropped. With
+    k = V both equal `soft_ce_full`.
     """
     _check_temperature(temperature)
     vocab = student_logits.shape[-1]
@@ -84,9 +84,7 @@ def soft_ce_topk(
     if tail_logmass is None or k >= vocab:
         return temperature**2 * _soft_ce(t_top.softmax(-1), s_top).mean()
     # Rounding can make 1 - sum p slightly negative, so a cache may hold NaN: it means "no tail".
-    tail = torch.nan_to_num(tail_logmass.float(), nan=-math.inf).clamp(max=0.0)
-    rest = vocab - k
-    t_tail = (1.0 - 1.0 / temperature) * math.log(rest) + tail / temperature
+    t_tail = torch.nan_to_num(tail_logmass.float(), nan=-math.inf)
     q = torch.cat([t_top, t_tail.unsqueeze(-1)], -1).softmax(-1)
     # The student's tail bucket exactly (not 1 - sum, which cancels badly): logsumexp over the unlisted ids.
     s_tail = scaled.scatter(-1, ids, -math.inf).logsumexp(-1, keepdim=True) - log_z
@@ -96,12 +94,14 @@ def soft_ce_topk(
 def soft_ce_sampled(
     student_logits: Tensor, sampled_ids: Tensor, sampled_counts: Tensor, temperature: float = 1.0
 ) -> Tensor:
-    """Soft cross-entropy against teacher samples, T^2-scaled: an unbiased estimate of `soft_ce_full`.
+    """Soft cross-entropy against teacher samples, T^2-scaled: an unbiased estimate of `soft_ce_full` at T.
 
-    The cache drew s ids per position from the teacher's distribution at the distillation temperature T and
-    stores each distinct id with how many times it came up (zero counts pad the row). The estimate is
+    The cache drew s ids per position from the teacher's tempered distribution softmax(t / T_s) (its
+    `sample_temperature`) and stores each distinct id with how many times it came up (zero counts pad the row).
+    The estimate is
         L = T^2 * mean_n [ -sum_j (c_j / sum c) * log_softmax(s_n / T)[id_j] ],
-    whose expectation over the draws is the full soft cross-entropy at T.
+    whose expectation over the draws, and that of its gradient, is the full soft cross-entropy at T only when
+    T = T_s: the general stage refuses any other training temperature (`formats.cache.check_sample_temperature`).
     """
     _check_temperature(temperature)
     s_logp = (student_logits.float() / temperature).log_softmax(-1)
@@ -206,15 +206,21 @@ def minilm_value_kl(student_v: Tensor, teacher_v: Tensor, *, student_heads: int,
 
 
 def pkd_cls_mse(student_cls: list[Tensor], teacher_cls: list[Tensor]) -> Tensor:
-    """Patient KD's L_PT: sum over the mapped layers j of ||h_s^j/||h_s^j|| - h_t^j/||h_t^j|| ||_2^2,
-    averaged over the batch. Each list item is the [CLS] state of one layer, [B, H]."""
+    """Patient KD's L_PT on the released code's scale: the mean over layers, batch and features of
+    (h_s^j/||h_s^j|| - h_t^j/||h_t^j||)^2, each list item the [CLS] state of one mapped layer, [B, H].
+
+    The paper writes the sum over layers of the squared L2 norm (batch-averaged); the released code
+    (`patience_loss`: F.mse_loss of the normalised [B, layers, H] stacks) takes the mean, which is the
+    paper's value divided by layers x H, and its beta grid is on that scale. The caller projects a narrower
+    student to the teacher's width first.
+    """
     if len(student_cls) != len(teacher_cls) or not student_cls:
         raise ValueError(f"pkd_cls_mse: {len(student_cls)} student vs {len(teacher_cls)} teacher layers")
-    total = student_cls[0].new_zeros((), dtype=torch.float32)
-    for s, t in zip(student_cls, teacher_cls):
-        diff = F.normalize(s.float(), dim=-1) - F.normalize(t.float(), dim=-1)
-        total = total + diff.pow(2).sum(-1).mean()
-    return total
+    s = torch.stack([F.normalize(h.float(), dim=-1) for h in student_cls])
+    t = torch.stack([F.normalize(h.float(), dim=-1) for h in teacher_cls])
+    if s.shape != t.shape:
+        raise ValueError(f"pkd_cls_mse: shapes differ {tuple(s.shape)} vs {tuple(t.shape)} (project the student first)")
+    return (s - t).pow(2).mean()
 
 
 def task_soft_ce(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -45,6 +45,8 @@ class Pair:
     temperature: float
     cache_targets: str
     """"topk" or "sampled": which cached targets the soft loss reads."""
+    tail_column: int | None = None
+    """Which cached `tail_logmass_t` column is the top-k tail at `temperature` (None: T=1, `tail_logmass`)."""
 
     @property
     def mask(self) -> Tensor:
@@ -69,7 +71,8 @@ def _soft(p: Pair) -> Tensor:
     if "topk_ids" in b and p.cache_targets == "sampled":
         return L.soft_ce_sampled(p.student_logits, b["sampled_ids"], b["sampled_counts"], p.temperature)
     if "topk_ids" in b:
-        return L.soft_ce_topk(p.student_logits, b["topk_ids"], b["topk_logp"], b["tail_logmass"], p.temperature)
+        tail = b["tail_logmass"] if p.tail_column is None else b["tail_logmass_t"][:, p.tail_column]
+        return L.soft_ce_topk(p.student_logits, b["topk_ids"], b["topk_logp"], tail, p.temperature)
     return L.soft_ce_full(p.student_logits, p.teacher_logits, p.temperature)
 
 

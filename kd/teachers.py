@@ -97,10 +97,12 @@ def masked_lm_logits(model: Any, batch: dict[str, torch.Tensor], rows: torch.Ten
     return logits, states
 
 
-def teacher_targets(logits: torch.Tensor, k: int, uniforms: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def teacher_targets(logits: torch.Tensor, k: int, uniforms: np.ndarray | None = None, *,
+                    sample_temperature: float = 1.0, tail_temperatures: tuple[float, ...] = ()) -> dict[str, np.ndarray]:
     """What the cache keeps of logits [n, vocab]: top-k log-probs (fp16, descending) and ids, tail log-mass,
-    and with `uniforms` [n, s] in [0, 1) that many ids drawn from the softmax, as distinct ids with counts.
-
+    with `tail_temperatures` the tempered tail at each of them (`tail_logmass_t`, [n, len]), and with
+    `uniforms` [n, s] in [0, 1) that many ids drawn from softmax(logits / sample_temperature), as distinct
+    ids with counts.
     """
     scores = logits.float()
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
@@ -108,12 +110,26 @@ def teacher_targets(logits: torch.Tensor, k: int, uniforms: np.ndarray | None = 
     top_logp = top_scores - lse
     out = {"topk_ids": top_ids.cpu().numpy(), "topk_logp": top_logp.cpu().numpy().astype(np.float16),
            "tail_logmass": _tail_logmass(scores, lse, top_logp, top_ids)}
+    if tail_temperatures:
+        out["tail_logmass_t"] = _tempered_tails(scores - lse, top_ids, tail_temperatures)
     if uniforms is not None:
-        cdf = torch.exp(scores - lse).double().cumsum(dim=-1)
+        tempered = scores / sample_temperature  # x / 1.0 == x: T=1 draws are the same bytes as before
+        cdf = torch.exp(tempered - torch.logsumexp(tempered, dim=-1, keepdim=True)).double().cumsum(dim=-1)
         values = torch.from_numpy(uniforms).to(cdf.device) * cdf[:, -1:]
         draws = torch.searchsorted(cdf, values).clamp_(max=scores.shape[-1] - 1).cpu().numpy()
         out["sampled_ids"], out["sampled_counts"] = _distinct_with_counts(draws)
     return out
+
+
+def _tempered_tails(logp: torch.Tensor, top_ids: torch.Tensor, temperatures: tuple[float, ...]) -> np.ndarray:
+    """[n, len(temperatures)] float32: log sum over the ids outside the top-k of p_v^(1/T), for each T.
+
+    Summed directly from the tail's own terms (no 1 - sum cancellation), floored at log of fp32's smallest
+    normal so an empty or underflowing tail stays finite (its weight is then below 1e-38 of the top-1's).
+    """
+    floor = float(np.log(np.finfo(np.float32).tiny))
+    tails = [(logp / t).scatter(-1, top_ids, -torch.inf).logsumexp(-1).clamp(min=floor) for t in temperatures]
+    return torch.stack(tails, dim=-1).cpu().numpy().astype(np.float32)
 
 
 EXACT_TAIL_BELOW = 1e-3

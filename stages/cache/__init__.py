@@ -1,9 +1,10 @@
 """Stage `cache`: run a frozen teacher once over the sharded corpus and keep its masked-LM outputs on disk.
 
 Per masked position (masks fixed by `mask_seed` and the sample key, see kd/masking.py) a shard stores the
-teacher's top-k log-probabilities and ids, the log of the mass outside the top-k and, as options, ids drawn
-from the teacher distribution with their counts (Anshumann et al. 2025, "Sparse logit sampling") and the
-[CLS] state of every layer. One cache shard per corpus shard, `<teacher_id>/<shard>.cache`.
+teacher's top-k log-probabilities and ids, the log of the mass outside the top-k, the log tempered tail at
+each of `tail_temperatures` (so top-k targets are exact at those T) and, as options, ids drawn from the
+teacher distribution at `sample_temperature` with their counts (Anshumann et al. 2025, "Sparse logit
+sampling") and the [CLS] state of every layer. One cache shard per corpus shard, `<teacher_id>/<shard>.cache`.
 
 Array-parallel: worker i of n does shards i, i+n, ...; complete shards are skipped on rerun; whichever
 worker finds every shard done writes the manifest. Shards depend only on their corpus shard and the
@@ -55,7 +56,8 @@ def _provenance(config: Config, ctx, teacher_dir: Path, model) -> dict:
         "corpus_manifest_sha256": ctx.inputs["corpus"].sha256,
         "mask_seed": config.mask_seed, "mask_rate": config.mask_rate, "whole_word": config.whole_word,
         "k": config.k, "dtype": config.dtype,
-        "sampled": config.sampled, "sample_temperature": 1.0, "cls_hidden": config.cls_hidden,
+        "sampled": config.sampled, "sample_temperature": float(config.sample_temperature),
+        "tail_temperatures": config.stored_tail_temperatures, "cls_hidden": config.cls_hidden,
     }
 
 
@@ -153,3 +155,7 @@ def verify(manifest: Manifest, stage_dir: Path) -> None:
             if record.topk_ids.shape[1] != prov["k"]:
                 raise ManifestError(f"{path}: sample {record.key!r} has k={record.topk_ids.shape[1]}, provenance says {prov['k']}")
             fmt.check_record(record, path, vocab)
+            tempered = 0 if record.tail_logmass_t is None else record.tail_logmass_t.shape[1]
+            if tempered != len(prov.get("tail_temperatures", [1.0])) - 1:
+                raise ManifestError(f"{path}: sample {record.key!r} has {tempered} tempered tails, provenance lists "
+                                    f"tail_temperatures {prov.get('tail_temperatures', [1.0])}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,6 +34,14 @@ class Config:
     """Mask whole words (a word start and its ## pieces) instead of single tokens."""
     sampled: int = 0
     """Draws per masked position from the teacher distribution (sampled-logit KD); 0 = off."""
+    sample_temperature: float = 2.0
+    """Temperature T of the distribution the draws come from, softmax(logits / T); recorded in the provenance,
+    and the general stage trains `cache_targets: sampled` at this temperature only (the estimate is unbiased
+    only there)."""
+    tail_temperatures: list[float] = field(default_factory=lambda: [2.0])
+    """Temperatures besides 1 at which the exact tempered top-k tail, log sum over the other ids of p^(1/T), is
+    stored (one fp32 per masked position each); the general stage trains `cache_targets: topk` at 1 (always
+    stored) or one of these, and refuses any other."""
     cls_hidden: bool = False
     """Also keep the teacher's [CLS] state of every layer (fp16), for Patient-KD-style losses."""
     dtype: Literal["fp32", "bf16"] = "fp32"
@@ -56,10 +65,21 @@ class Config:
             raise ValueError(f"mask_rate must be in (0, 1), got {self.mask_rate}")
         if not 0 <= self.sampled <= 65535:
             raise ValueError(f"sampled must be in [0, 65535], got {self.sampled}")
+        for name, temps in (("sample_temperature", [self.sample_temperature]), ("tail_temperatures", self.tail_temperatures)):
+            if not all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in temps):
+                raise ValueError(f"{name} must be finite and > 0, got {temps}")
+        if len(set(map(float, self.tail_temperatures))) != len(self.tail_temperatures):
+            raise ValueError(f"tail_temperatures has a repeated value: {self.tail_temperatures}")
         if self.batch_tokens < 1 or not self.splits:
             raise ValueError("batch_tokens must be >= 1 and splits non-empty")
         if not 1 <= self.compression_level <= 22:
             raise ValueError(f"compression_level must be in [1, 22], got {self.compression_level}")
+
+    @property
+    def stored_tail_temperatures(self) -> list[float]:
+        """Every temperature whose top-k tail the cache holds: 1.0 (`tail_logmass`), then the columns of
+        `tail_logmass_t` in order."""
+        return [1.0] + [float(t) for t in self.tail_temperatures if float(t) != 1.0]
 
     @property
     def cache_id(self) -> str:

@@ -84,7 +84,9 @@ def _targets(logits, cls, group: np.ndarray, masked, mstarts, masker, config: Co
     if config.sampled:
         uniforms = np.concatenate([sample_rng(masker.spec.mask_seed, masked.keys[i], "sampled")
                                    .random((int(masked.n_masked[i]), config.sampled)) for i in group])
-    targets = teachers.teacher_targets(logits[:, :vocab_size], config.k, uniforms)
+    targets = teachers.teacher_targets(logits[:, :vocab_size], config.k, uniforms,
+                                       sample_temperature=config.sample_temperature,
+                                       tail_temperatures=tuple(config.stored_tail_temperatures[1:]))
     cls_np = cls.float().cpu().numpy().astype(np.float16) if cls is not None else None
     bounds = np.concatenate([[0], np.cumsum(masked.n_masked[group])])
     out = {}

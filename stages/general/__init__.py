@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from formats import models
-from kd import teachers
+from kd import objectives, teachers
 from pipeline.train import trainer
 from pipeline.train.engine import build_engine, deepspeed_json
 from stages.general import data
@@ -40,7 +40,8 @@ def run(config: Config, ctx):
     setup.teacher = teachers.place(setup.teacher, settings.device, config.teacher_dtype)
     losses = gm.LossPlan.check(config, trainee, setup.teacher, online=setup.online)
     torch.manual_seed(ctx.seed * 1000 + world.rank)  # dropout streams differ per rank, fixed per rank
-    engine = build_engine(trainee, settings=settings, world=world)
+    engine = build_engine(trainee, settings=settings, world=world,
+                          params=trainee.trained_parameters(objectives.enabled(config.loss)))
     stream = data.TrainStream(config, ctx, setup, settings.micro_batch_size)
     root = ctx.stage_dir / "checkpoints"
     if world.rank == 0:  # what `distill export` needs to turn any step-N/ into a model folder

@@ -36,6 +36,8 @@ class Setup:
     mask: MaskSpec
     cache_dir: Path | None = None
     cache_has_valid: bool = False
+    tail_column: int | None = None
+    """The cached tempered-tail column of the training temperature (None: T=1, `tail_logmass`)."""
 
 
 def prepare(config: Config, ctx) -> Setup:
@@ -52,7 +54,7 @@ def prepare(config: Config, ctx) -> Setup:
                                      whole_word=False)
         return Setup(corpus_dir=corpus_dir, corpus_extra=extra, tokenizer=tokenizer, teacher_dir=teacher_dir,
                      teacher=teacher, online=online, mask=spec)
-    from formats.cache import check_provenance
+    from formats.cache import check_provenance, check_sample_temperature, tail_column
 
     cache = ctx.input_manifest("cache")
     check_provenance(cache, ctx.input_manifest("corpus"), tokenizer_sha256=extra.get("tokenizer_sha256"))
@@ -63,9 +65,15 @@ def prepare(config: Config, ctx) -> Setup:
     if config.cache_targets == "sampled" and not prov.get("sampled"):
         raise ConfigError(f"cache {cache.name!r} has no sampled targets (sampled: 0); use cache_targets: topk "
                           "or rebuild the cache with sampled > 0")
+    column = None
+    if config.loss.soft and config.cache_targets == "sampled":
+        check_sample_temperature(cache, config.temperature)
+    elif config.loss.soft:
+        column = tail_column(cache, config.temperature)
     return Setup(corpus_dir=corpus_dir, corpus_extra=extra, tokenizer=tokenizer, teacher_dir=teacher_dir,
                  teacher=teacher, online=online, mask=MaskSpec.from_dict(cache.extra["mask"]),
-                 cache_dir=ctx.input_dir("cache"), cache_has_valid="valid" in cache.extra["splits"])
+                 cache_dir=ctx.input_dir("cache"), cache_has_valid="valid" in cache.extra["splits"],
+                 tail_column=column)
 
 
 def _pad(rows: list[np.ndarray], value: int) -> torch.Tensor:
@@ -91,6 +99,8 @@ def make_batch(pairs: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
         batch["topk_ids"] = torch.from_numpy(np.concatenate([r.topk_ids for r in records]).astype(np.int64))
         batch["topk_logp"] = torch.from_numpy(np.concatenate([r.topk_logp for r in records]).astype(np.float32))
         batch["tail_logmass"] = torch.from_numpy(np.concatenate([r.tail_logmass for r in records]).astype(np.float32))
+        if records[0].tail_logmass_t is not None:
+            batch["tail_logmass_t"] = torch.from_numpy(np.concatenate([r.tail_logmass_t for r in records]))
         if records[0].sampled_ids is not None:
             batch["sampled_ids"] = torch.from_numpy(np.concatenate([r.sampled_ids for r in records]).astype(np.int64))
             batch["sampled_counts"] = torch.from_numpy(np.concatenate([r.sampled_counts for r in records]).astype(np.float32))

@@ -25,14 +25,16 @@ from stages.general.data import teacher_forward
 
 
 class Trainee(nn.Module):
-    """The student plus the learned projections student width -> teacher width (TinyBERT's W_e, W_h)."""
+    """The student plus the learned projections student width -> teacher width (TinyBERT's W_h for the hidden
+    and cosine losses, W_e for the embedding loss), each only when a loss that is on reads it: under DDP a
+    parameter no loss reaches fails the second step."""
 
-    def __init__(self, student: nn.Module, teacher_width: int, projection: bool):
+    def __init__(self, student: nn.Module, teacher_width: int, *, hidden: bool, embed: bool):
         super().__init__()
         self.student = student
         width = student.config.hidden_size
-        self.proj_hidden = nn.Linear(width, teacher_width) if projection and width != teacher_width else None
-        self.proj_embed = nn.Linear(width, teacher_width) if projection and width != teacher_width else None
+        self.proj_hidden = nn.Linear(width, teacher_width) if hidden and width != teacher_width else None
+        self.proj_embed = nn.Linear(width, teacher_width) if embed and width != teacher_width else None
 
     @classmethod
     def build(cls, config: Config, teacher: nn.Module) -> "Trainee":
@@ -41,8 +43,30 @@ class Trainee(nn.Module):
             student = build_student(config.student, teacher)
         except ValueError as err:
             raise ConfigError(f"student: {err}") from None
-        wants = config.loss.hidden or config.loss.embedding or config.loss.cosine
-        return cls(student, teacher.config.hidden_size, config.projection and bool(wants))
+        weights, on = config.loss, config.projection
+        return cls(student, teacher.config.hidden_size, hidden=on and bool(weights.hidden or weights.cosine),
+                   embed=on and bool(weights.embedding))
+
+    def trained_parameters(self, weights: dict) -> list[tuple[str, nn.Parameter]]:
+        """The parameters the enabled loss terms (`objectives.enabled`) reach, for the engine to train: the MLM
+        head only with a logit loss (soft, mlm), the top layer's other weights only when its output is read
+        (logits, hidden, cosine), the layers only when more than the embeddings are read. DDP fails the second
+        step on a parameter that gets no gradient; the rest keeps its initial values."""
+        logits, top = bool({"soft", "mlm"} & set(weights)), bool({"soft", "mlm", "hidden", "cosine"} & set(weights))
+        last = f"{self.student.base_model_prefix}.encoder.layer.{self.student.config.num_hidden_layers - 1}."
+        qk = {".attention.self.query.", ".attention.self.key."} if {"attention", "minilm_attention"} & set(weights) else set()
+        qk |= {".attention.self.value."} if "minilm_value" in weights else set()
+        layers = top or bool(qk)
+
+        def reached(name: str) -> bool:
+            if name.startswith("student.cls."):
+                return logits
+            if ".encoder.layer." in name:
+                tail = name[len("student."):]
+                return layers and (top or not tail.startswith(last) or any(p in tail for p in qk))
+            return True
+
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and reached(n)]
 
     def inputs(self, batch: dict[str, torch.Tensor], hidden: bool = False) -> dict:
         """Keyword arguments of `forward` from a batch."""
@@ -87,7 +111,8 @@ class LossPlan:
                 raise ConfigError(f"layer_map: {err}") from None
         widths_differ = s_cfg.hidden_size != t_cfg.hidden_size
         for name in ("hidden", "embedding", "cosine"):
-            if getattr(weights, name) and widths_differ and trainee.proj_hidden is None:
+            layer = trainee.proj_embed if name == "embedding" else trainee.proj_hidden
+            if getattr(weights, name) and widths_differ and layer is None:
                 raise ConfigError(f"loss.{name}: student width {s_cfg.hidden_size} != teacher width "
                                   f"{t_cfg.hidden_size}; set projection: true or loss.{name}: 0")
         heads_differ = s_cfg.num_attention_heads != t_cfg.num_attention_heads
@@ -119,7 +144,7 @@ class LossPlan:
             teacher_logits=t_logits, teacher_hidden=t_hidden, teacher_capture=t_cap, layer_map=self.layer_map,
             project_hidden=lambda h: _project(trainee.proj_hidden, h), project_embed=lambda h: _project(trainee.proj_embed, h),
             student_heads=self.student_heads, teacher_heads=self.teacher_heads,
-            temperature=self.config.temperature, cache_targets=self.config.cache_targets)
+            temperature=self.config.temperature, cache_targets=self.config.cache_targets, tail_column=setup.tail_column)
         # Each rank's mean counts its own units; weighting by its share of the global count makes the ranks'
         # averaged gradient the gradient of the global mean (equal to one process on the same global batch).
         # One all-reduce of both counts, on the device, without a host sync.

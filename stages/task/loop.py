@@ -55,7 +55,8 @@ def build_classifier(folder, student_init, teacher, num_labels: int):
 
 
 def _projection(student, teacher) -> nn.Module:
-    """TinyBERT's W_h: a learned map from student to teacher width (identity when they match)."""
+    """TinyBERT's W_h, and Patient KD's map of a narrower student's [CLS] states: a learned map from student
+    to teacher width (identity when they match)."""
     s, t = student.config.hidden_size, teacher.config.hidden_size
     return nn.Identity() if s == t else nn.Linear(s, t)
 
@@ -125,21 +126,25 @@ def phase_loss(phase: str, config: Config, trainee, forward, teacher, batch: dic
     mapping = losses.layer_map(config.pkd_layers, m_count, teacher.config.num_hidden_layers)[:-1]
     loss = (1 - config.alpha) * hard + config.alpha * soft
     if mapping:  # the top layer is already taught by the soft loss (Patient KD, sec. 3)
-        s_cls = [s_out.hidden_states[m][:, 0] for m in range(1, m_count)]
+        # A narrower student's states go through the learned projection first (normalised after it).
+        s_cls = [trainee.proj(s_out.hidden_states[m][:, 0]) for m in range(1, m_count)]
         loss = loss + config.beta * losses.pkd_cls_mse(s_cls, [t_cls[g] for g in mapping])
     return loss
 
 
 def _phase_params(trainee: Trainee, phase: str, trainable: set[str]) -> list:
     """What a phase trains: step 1 (hidden states and scores) the student's embeddings and layers and the
-    projection; the prediction layer and PKD every trainable student parameter. The rest gets no gradient
-    in that phase, so leaving it out changes nothing and lets DDP see only parameters that are used."""
+    projection; the prediction layer every trainable student parameter; PKD those and the projection. The
+    rest gets no gradient in that phase, so leaving it out changes nothing and lets DDP see only parameters
+    that are used."""
     student = trainee.student
+    proj = [(f"proj.{n}", p) for n, p in trainee.proj.named_parameters()]
     if phase == "intermediate":
         named = [(f"student.{student.base_model_prefix}.{n}", p) for n, p in student.base_model.named_parameters()
-                 if not n.startswith("pooler.")] + [(f"proj.{n}", p) for n, p in trainee.proj.named_parameters()]
+                 if not n.startswith("pooler.")] + proj
     else:
-        named = [(f"student.{n}", p) for n, p in student.named_parameters()]
+        pkd_proj = proj if phase == "pkd" and student.config.num_hidden_layers > 1 else []  # no [CLS] pair: unused
+        named = [(f"student.{n}", p) for n, p in student.named_parameters()] + pkd_proj
     return [(n, p) for n, p in named if n in trainable]
 
 

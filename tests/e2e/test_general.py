@@ -124,6 +124,9 @@ def test_bad_inputs_fail_before_compute(inputs, tmp_path):
           "loss={hidden: 1}"), "set projection: true"),
         (("student={init: scratch, num_layers: 1, hidden_size: 32, num_heads: 4}", "loss={attention: 1}"), "heads"),
         (("engine=deepspeed", f"deepspeed_config={root / 'ds.json'}"), "train_micro_batch_size_per_gpu"),
+        # the cache stores the tempered top-k tail at 1 and 2 and drew its samples at 2 (the defaults)
+        (('cache="@cache"', "temperature=3.0"), r"stores the top-k tail at temperatures \[1.0, 2.0\]; add 3"),
+        (('cache="@cache"', "cache_targets=sampled", "temperature=1.0"), "drew its sampled ids at sample_temperature 2"),
     ]
     (root / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 64}))
     for overrides, message in cases:

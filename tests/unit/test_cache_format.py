@@ -22,29 +22,31 @@ from stages.cache.records import _length_batches
 VOCAB = 30522
 
 
-def records(n: int = 5, k: int = 4, sampled: int = 0, cls: bool = False, seed: int = 0) -> list[CacheRecord]:
+def records(n: int = 5, k: int = 4, sampled: int = 0, cls: bool = False, seed: int = 0,
+            temps: tuple = ()) -> list[CacheRecord]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         m = int(rng.integers(1, 6))
         logits = torch.from_numpy(rng.normal(size=(m, VOCAB)).astype(np.float32) * 3)
-        t = teacher_targets(logits, k, rng.random((m, sampled)) if sampled else None)
+        t = teacher_targets(logits, k, rng.random((m, sampled)) if sampled else None, tail_temperatures=temps)
         out.append(CacheRecord(key=f"s{i}", positions=np.sort(rng.choice(100, m, replace=False)).astype(np.int64),
                                cls_hidden=rng.normal(size=(3, 8)).astype(np.float16) if cls else None, **t))
     return out
 
 
 def test_round_trip_is_exact_and_bytes_deterministic(tmp_path):
-    recs = records(sampled=16, cls=True)
+    recs = records(sampled=16, cls=True, temps=(2.0, 4.0))
     path = tmp_path / "train-000000.cache"
     size = write_cache_shard(path, recs, vocab_size=VOCAB, max_seq_len=128, stats={"samples": 5})
     assert size == path.stat().st_size
-    assert encode_shard(records(sampled=16, cls=True), vocab_size=VOCAB, max_seq_len=128, stats={"samples": 5}) == path.read_bytes()
+    assert encode_shard(records(sampled=16, cls=True, temps=(2.0, 4.0)), vocab_size=VOCAB, max_seq_len=128, stats={"samples": 5}) == path.read_bytes()
     back = list(read_cache_shard(path))
     assert [r.key for r in back] == [r.key for r in recs] and read_header(path)["stats"] == {"samples": 5}
     for a, b in zip(recs, back):
         assert b.topk_ids.dtype == np.uint16 and b.topk_logp.dtype == np.float16 and b.positions.dtype == np.int64
-        for name in ("positions", "topk_ids", "topk_logp", "tail_logmass", "sampled_ids", "sampled_counts", "cls_hidden"):
+        for name in ("positions", "topk_ids", "topk_logp", "tail_logmass", "sampled_ids", "sampled_counts", "cls_hidden",
+                     "tail_logmass_t"):
             assert np.array_equal(getattr(a, name), getattr(b, name)), name
         check_record(b, path, VOCAB)
     assert ids_dtype(200) == np.uint8 and ids_dtype(65536) == np.uint16 and ids_dtype(65537) == np.uint32

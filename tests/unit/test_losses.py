@@ -70,15 +70,20 @@ def test_topk_with_tail_at_t1_is_ce_over_k_plus_one_buckets():
     assert L.soft_ce_topk(student, ids, logp, tail).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_topk_with_tail_at_t2_spreads_tail_evenly_then_tempers():
-    student, ids, logp, tail = _topk_inputs()
-    # teacher: each of the 2 tail tokens holds 0.125; weights p^(1/2), the tail bucket sums its two tokens
-    w = [0.5**0.5, 0.25**0.5, 2 * 0.125**0.5]
+def test_topk_with_tempered_tail_at_t2_is_the_exact_tempered_buckets():
+    student, ids, logp, _ = _topk_inputs()
+    # teacher softmax(t/2) ~ p^(1/2): the k ids weigh 0.5^.5 and 0.25^.5, the tail bucket 0.15^.5 + 0.10^.5,
+    # which the cache stores as log sum over the tail of p^(1/2)
+    w = [0.5**0.5, 0.25**0.5, 0.15**0.5 + 0.10**0.5]
     q = [x / sum(w) for x in w]
     sw = [x**0.5 for x in STUDENT_P]
     ps = [sw[0] / sum(sw), sw[1] / sum(sw), (sw[2] + sw[3]) / sum(sw)]
     expected = 4 * -sum(qi * LN(pi) for qi, pi in zip(q, ps))
-    assert L.soft_ce_topk(student, ids, logp, tail, temperature=2.0).item() == pytest.approx(expected, rel=1e-6)
+    tail_t2 = torch.tensor([LN(0.15**0.5 + 0.10**0.5)])
+    assert L.soft_ce_topk(student, ids, logp, tail_t2, temperature=2.0).item() == pytest.approx(expected, rel=1e-6)
+    # the old even-spread assumption (each tail token 0.125) gives another value: the check can fail
+    even = [0.5**0.5, 0.25**0.5, 2 * 0.125**0.5]
+    assert abs(sum(w) - sum(even)) > 1e-3
 
 
 def test_topk_without_tail_renormalises_the_k():
@@ -87,7 +92,7 @@ def test_topk_without_tail_renormalises_the_k():
     assert L.soft_ce_topk(student, ids, logp).item() == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("temp", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("temp", [1.0, 2.0, 4.0, 0.5])
 def test_topk_with_k_equal_vocab_is_the_full_loss(temp):
     torch.manual_seed(1)
     s, t = torch.randn(5, 9), torch.randn(5, 9)
@@ -186,13 +191,16 @@ def test_attention_mse_counts_only_real_query_key_pairs():
     assert L.attention_mse(both, torch.zeros_like(both), torch.tensor([[1, 1], [1, 1]])).item() == pytest.approx(30 / 8)
 
 
-def test_pkd_cls_mse_sums_layers_of_normalised_states():
+def test_pkd_cls_mse_is_the_mean_over_layers_batch_and_features_of_normalised_states():
     s = [torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([[2.0, 0.0], [0.0, 2.0]])]
     t = [torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[5.0, 0.0], [0.0, -1.0]])]
-    # layer 1: (0.6-1)^2 + 0.8^2 = 0.8 and 0; layer 2: 0 and (1 - -1)^2 = 4; mean over the batch per layer
-    assert L.pkd_cls_mse(s, t).item() == pytest.approx(0.8 / 2 + 4 / 2, rel=1e-6)
+    # squared differences: layer 1 (0.6-1)^2 + 0.8^2 = 0.8 and 0; layer 2: 0 and (1 - -1)^2 = 4;
+    # the released code's F.mse_loss divides their sum 4.8 by 2 layers x 2 rows x 2 features
+    assert L.pkd_cls_mse(s, t).item() == pytest.approx(4.8 / 8, rel=1e-6)
     with pytest.raises(ValueError):
         L.pkd_cls_mse(s, t[:1])
+    with pytest.raises(ValueError, match="project the student"):
+        L.pkd_cls_mse([torch.ones(2, 3)], [torch.ones(2, 2)])
 
 
 # --- MiniLM --------------------------------------------------------------------------------------
