@@ -202,7 +202,8 @@ LIMITS = {"train": "limit_train", "dev": "limit_dev", "test": "limit_test"}
 """Split -> the TaskData field that caps its rows."""
 
 
-def load_split(data: TaskData, which: Literal["train", "dev", "test"], label_names: list[str] | None = None) -> Examples:
+def load_split(data: TaskData, which: Literal["train", "dev", "test"],
+               label_names: list[str] | None = None) -> Examples:
     """Read one split as a file (no carve: see `formats.testsplit.load_splits`); class labels are mapped to
     indices of `label_names` (from train when None)."""
     spec, rows = read_rows(data, which)

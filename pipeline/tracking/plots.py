@@ -58,7 +58,8 @@ def phase_curves(phases: list[dict], path: Path, *, eval_label: str = "dev score
     fig, axes = plt.subplots(1, len(drawn), figsize=(max(5, 4.5 * len(drawn)), 3.8), dpi=100, squeeze=False)
     for ax, phase in zip(axes[0], drawn):
         points = sorted(phase["loss"])
-        ax.plot([s for s, _ in points], [v for _, v in points], color="tab:blue", marker="." if len(points) < 30 else None)
+        marker = "." if len(points) < 30 else None
+        ax.plot([s for s, _ in points], [v for _, v in points], color="tab:blue", marker=marker)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss", color="tab:blue")
         ax.set_title(f"phase: {phase['phase']}", fontsize=10)
@@ -71,6 +72,8 @@ def phase_curves(phases: list[dict], path: Path, *, eval_label: str = "dev score
                 right.annotate(f"{value:.3f}", (step, value), textcoords="offset points", xytext=(0, 6), fontsize=8,
                                ha="center", color="tab:orange")
             right.set_ylabel(eval_label, color="tab:orange")
+            if all(0 <= v <= 1 for _, v in evals):  # a score: on its whole range, so 0.1 does not look high
+                right.set_ylim(0, 1.05)
     fig.suptitle("training loss per phase, with evaluation points", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)

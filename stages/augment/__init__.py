@@ -121,7 +121,8 @@ def run(config: Config, ctx):
     counts = {c: sum(1 for _ in open(ctx.stage_dir / augmented.part_name(c))) for c in range(chunks)}
     outputs = [OutputFile.of(ctx.stage_dir, augmented.part_name(c), samples=counts[c]) for c in range(chunks)]
     extra = {"chunks": chunks, "label_names": train.label_names, "source_sentences": len(train),
-             "test_split": test_split, "has_teacher_outputs": teacher_folder is not None, "has_cls": bool(teacher_folder and config.cache_cls)}
+             "test_split": test_split, "has_teacher_outputs": teacher_folder is not None,
+             "has_cls": bool(teacher_folder and config.cache_cls)}
     if teacher_folder is not None:
         outputs += [OutputFile.of(ctx.stage_dir, augmented.logits_name(c)) for c in range(chunks)]
         extra["provenance"] = augmented.provenance(teacher_folder, [o.sha256 for o in outputs if o.path.startswith("part-")])

@@ -193,7 +193,8 @@ def run(config: Config, ctx):
     if "device_latency_ms" in results["student"]:
         summary["device_speedup"] = results["teacher"]["device_latency_ms"] / results["student"]["device_latency_ms"]
     report = {"summary": summary, "teacher": results["teacher"], "student": results["student"]}
-    log.info(f"task: test teacher {t_test:.4f} student {s_test:.4f} share {summary['student_test_share_of_teacher']:.3f} "
+    share = summary["student_test_share_of_teacher"]
+    log.info(f"task: test teacher {t_test:.4f} student {s_test:.4f} share {share:.3f} "
              f"(dev {t_score:.4f} / {s_score:.4f}) speedup {summary['speedup']:.2f}x")
     metrics = _metrics(summary, results)
     outputs = models.save_model(student, tokenizer, ctx.stage_dir, labels=labels_out,

@@ -64,7 +64,7 @@ class Config(TrainConfig):
     """Examples per dev / test forward."""
     eval_every: int = field(default=0, metadata={"hash": False})
     """Score the student on dev every N steps of each phase (0: only at the end of each phase); the points
-    are drawn on the loss curves (`loss_curves.png`). Nothing is selected on them."""
+    are drawn on the loss curves (`phase_loss_curves.png`). Nothing is selected on them."""
     latency_batch_size: int = 32
     """Batch size of the inference-speed comparison."""
     latency_seq_len: int = 64

@@ -4,7 +4,7 @@ Scores are given on dev (what early stopping and choices may have looked at) and
 (what nothing selected on: the numbers to publish). The confusion matrices of the test split are labelled
 heatmaps (`confusion_teacher.png`, `confusion_student.png`), the per-class precision / recall / F1 a table
 with the class names, and each training phase's loss a curve with its dev evaluation points
-(`loss_curves.png`); the PNGs are logged to MLflow under `plots/` too.
+(`phase_loss_curves.png`); the PNGs are logged to MLflow under `plots/` too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pipeline.manifest import OutputFile, atomic_write_text
 from pipeline.tracking import plots
 
 CONFUSION = "confusion_{who}.png"
-LOSS_CURVES = "loss_curves.png"
+LOSS_CURVES = "phase_loss_curves.png"
 EVAL_PREFIX = "eval/dev_"
 """Metric names of the dev evaluation points logged while training (`eval/dev_score`, ...)."""
 

@@ -115,7 +115,8 @@ def test_mistakes_are_one_line_exit_2(world, tmp_path, capsys):
     cases = [
         (["eval", str(run_dir / "task"), str(root / "missing.tsv")], "missing.tsv: labelled data file not found"),
         (["eval", str(run_dir / "task"), str(other)], r"labels ['positive'] never seen in " + str(run_dir / "task")),
-        (["eval", "models:/tiny-eval@nope", str(data), "--run-dir", str(run_dir)], "models:/tiny-eval@nope: MLflow could not find it"),
+        (["eval", "models:/tiny-eval@nope", str(data), "--run-dir", str(run_dir)],
+         "models:/tiny-eval@nope: MLflow could not find it"),
         (["eval", "@nostage", str(data), "--run-dir", str(run_dir)], "@nostage: no finished stage"),
         (["eval", "@task", str(data)], "needs --run-dir"),
         (["eval", str(run_dir / "task"), str(data), "--label-column", "gold"], "missing column(s) gold"),
