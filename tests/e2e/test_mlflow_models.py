@@ -32,7 +32,7 @@ tracking: {{enabled: true}}
 stages:
   teacher_finetune:
     teacher_path: {teacher}
-    data: &data {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 64, limit_dev: 32, max_length: 32}}
+    data: &data {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 64, limit_dev: 32, limit_test: 32, max_length: 32}}
     epochs: 2
     batch_size: 16
     eval_every: 4
