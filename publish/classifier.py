@@ -40,12 +40,14 @@ class Classifier:
     max_length: int = 128
     batch_size: int = 64
 
-    def predict(self, texts: list[tuple[str, ...]]) -> np.ndarray:
-        """Class probabilities [N, C] (softmax of the logits), or the raw output [N, 1] of a regression model."""
+    def predict(self, texts: list[str] | list[tuple[str, ...]]) -> np.ndarray:
+        """Class probabilities [N, C] (softmax of the logits), or the raw output [N, 1] of a regression model;
+        a text is a string or a (sentence, sentence) pair."""
         import torch
 
         from formats.taskdata import encode, predict
 
+        texts = [(t,) if isinstance(t, str) else tuple(t) for t in texts]
         ids, types = encode(self.tokenizer, texts, self.max_length)
         logits = predict(self.model, ids, types, self.tokenizer.pad_token_id, self.batch_size)
         return logits if not self.labels else torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
