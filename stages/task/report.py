@@ -71,7 +71,7 @@ def _per_class_rows(report: dict) -> list[str]:
 def markdown(report: dict, images: list[str]) -> str:
     """report.md: teacher vs student on dev and test, size and speed, the pictures, the per-class table."""
     s, t, st = report["summary"], report["teacher"], report["student"]
-    lines = [f"# {s['task']}: {s['objective']}", "", f"Test split: {s['test_split']}.", "",
+    lines = [f"# {s['task']}: {s['objective']}", "", f"Held-out {s['test_split']}.", "",
              "| | teacher | student |", "|---|---|---|", *_score_rows(report),
              f"| parameters | {t['params']:,} | {st['params']:,} |",
              f"| latency ms (batch {s['latency_shape'][0]}, length {s['latency_shape'][1]}, {s['device']}) | "
