@@ -57,7 +57,12 @@ class TaskData:
     train: str = ""
     """Training file (.tsv/.csv/.jsonl) or `hf:DIR[:split]` for a `datasets` folder saved with save_to_disk."""
     dev: str = ""
-    """Dev file, same forms as `train`."""
+    """Dev file, same forms as `train` (early stopping and model selection read it)."""
+    test: str = ""
+    """Labelled test file, same forms as `train`, that nothing selects on; empty: carve one from `train`."""
+    test_fraction: float = 0.1
+    """Without `test`: share of the train file's rows set aside as the test split, drawn by the run seed
+    (`formats.testsplit`); they are removed from train and from everything made from train."""
     text_columns: list[str] = field(default_factory=list)
     """One column (single sentences) or two (sentence pairs); empty = the preset's."""
     label_column: str = ""
@@ -72,6 +77,8 @@ class TaskData:
     """Use only the first N training rows (quick runs and tests)."""
     limit_dev: int | None = None
     """Use only the first N dev rows."""
+    limit_test: int | None = None
+    """Use only the first N test rows (of the file, or of the carved split)."""
 
     def __post_init__(self):
         if self.task != "custom" and self.task not in PRESETS:
@@ -85,6 +92,8 @@ class TaskData:
         bad = [m for m in self.metrics if m not in METRICS]
         if bad:
             raise ValueError(f"unknown metrics {bad} (known: {', '.join(METRICS)})")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {self.max_length}")
 
@@ -143,44 +152,72 @@ def _read_rows(spec: str) -> tuple[list[dict], list[str]]:
         return rows, list(reader.fieldnames or [])
 
 
-def load_split(data: TaskData, which: Literal["train", "dev"], label_names: list[str] | None = None) -> Examples:
-    """Read one split; class labels are mapped to indices of `label_names` (from train when None)."""
+def read_rows(data: TaskData, which: Literal["train", "dev", "test"]) -> tuple[str, list[dict]]:
+    """(file spec, every row) of one split, its columns checked against the preset; no limit applied."""
     spec = getattr(data, which)
     if not spec:
         raise ConfigError(f"data.{which}: no file given")
     preset = data.preset
     rows, columns = _read_rows(spec)
-    limit = data.limit_train if which == "train" else data.limit_dev
-    rows = rows[:limit] if limit else rows
     if not rows:
         raise ConfigError(f"{spec}: no rows (empty {which} file)")
     missing = [c for c in (*preset.text_columns, preset.label_column) if c not in columns]
     if missing:
         raise ConfigError(f"{spec}: missing column(s) {', '.join(missing)} (has: {', '.join(columns)}); "
                           "set data.text_columns / data.label_column")
+    return spec, rows
+
+
+def raw_labels(data: TaskData, rows: list[dict]) -> list[str]:
+    """The label column of `rows` as stripped strings."""
+    return [str(r[data.preset.label_column]).strip() for r in rows]
+
+
+def sorted_labels(raw: list[str]) -> list[str]:
+    """Label names in index order: integers numerically first, then the rest alphabetically."""
+    return sorted(set(raw), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+
+
+def to_examples(data: TaskData, spec: str, rows: list[dict], label_names: list[str] | None = None,
+                known_as: str = "train") -> Examples:
+    """Examples from rows; class labels are mapped to indices of `label_names` (from the rows when None)."""
+    preset = data.preset
     texts = [tuple(str(r[c] or "").strip() for c in preset.text_columns) for r in rows]
-    raw = [str(r[preset.label_column]).strip() for r in rows]
+    raw = raw_labels(data, rows)
     if preset.regression:
         try:
             return Examples(texts, np.array([float(v) for v in raw], np.float32), [])
         except ValueError as err:
             raise ConfigError(f"{spec}: label column {preset.label_column}: {err} (regression needs numbers)") from None
-    if label_names is None:
-        label_names = sorted(set(raw), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+    label_names = sorted_labels(raw) if label_names is None else label_names
     index = {name: i for i, name in enumerate(label_names)}
     unknown = sorted(set(raw) - set(index))
     if unknown:
-        raise ConfigError(f"{spec}: labels {unknown[:5]} never seen in train (known: {label_names}); check the label column")
+        raise ConfigError(f"{spec}: labels {unknown[:5]} never seen in {known_as} (known: {label_names}); "
+                          "check the label column")
     return Examples(texts, np.array([index[v] for v in raw], np.int64), list(label_names))
 
 
+LIMITS = {"train": "limit_train", "dev": "limit_dev", "test": "limit_test"}
+"""Split -> the TaskData field that caps its rows."""
+
+
+def load_split(data: TaskData, which: Literal["train", "dev", "test"],
+               label_names: list[str] | None = None) -> Examples:
+    """Read one split as a file (no carve: see `formats.testsplit.load_splits`); class labels are mapped to
+    indices of `label_names` (from train when None)."""
+    spec, rows = read_rows(data, which)
+    limit = getattr(data, LIMITS[which])
+    return to_examples(data, spec, rows[:limit] if limit else rows, label_names)
+
+
 def with_source(data: TaskData, ctx) -> TaskData:
-    """`data` with `train`/`dev` made absolute under the upstream `data.source` stage's folder, if one is set."""
+    """`data` with `train`/`dev`/`test` made absolute under the upstream `data.source` stage's folder, if one is set."""
     if data.source is None:
         return data
     base = ctx.input_dir("data.source")
     join = lambda spec: f"hf:{base / spec[3:]}" if spec.startswith("hf:") else (str(base / spec) if spec else spec)  # noqa: E731
-    return dataclasses.replace(data, train=join(data.train), dev=join(data.dev))
+    return dataclasses.replace(data, train=join(data.train), dev=join(data.dev), test=join(data.test))
 
 
 def load_task(data: TaskData) -> tuple[Examples, Examples]:
@@ -219,7 +256,6 @@ def check_same_vocab(tokenizer, other, what: str) -> None:
                           f"({len(tokenizer)}); use a student built for the teacher's tokenizer")
 
 
-@torch.no_grad()
 @torch.no_grad()
 def predict(model, ids: list[list[int]], types: list[list[int]], pad_id: int, batch_size: int = 64) -> np.ndarray:
     """Logits of a sequence classifier over encoded examples, in order, in eval mode, on the model's device."""

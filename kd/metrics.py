@@ -81,20 +81,25 @@ def compute(names: list[str], preds, labels) -> dict[str, float]:
     return out
 
 
-def report_markdown(report: dict) -> str:
-    """A short human-readable report: teacher vs student dev metrics, size and speed, confusion matrices."""
-    s, t, st = report["summary"], report["teacher"], report["student"]
-    names = [k for k in t["dev"] if k != "score"] + ["score"]
-    lines = [f"# {s['task']}: {s['objective']}", "", "| | teacher | student |", "|---|---|---|"]
-    lines += [f"| dev {n} | {t['dev'][n]:.4f} | {st['dev'][n]:.4f} |" for n in names]
-    lines += [f"| parameters | {t['params']:,} | {st['params']:,} |",
-              f"| latency ms (batch {s['latency_shape'][0]}, length {s['latency_shape'][1]}, {s['device']}) | "
-              f"{t['latency_ms']:.1f} | {st['latency_ms']:.1f} |",
-              f"| throughput /s | {t['throughput_per_s']:.1f} | {st['throughput_per_s']:.1f} |", "",
-              f"Student keeps {100 * s['student_share_of_teacher']:.1f}% of the teacher's score at "
-              f"{s['speedup']:.2f}x its speed.", ""]
-    for who in ("teacher", "student"):
-        if report[who].get("confusion_matrix"):
-            lines += [f"{who} confusion matrix (rows: true, columns: predicted):", ""]
-            lines += ["    " + " ".join(f"{v:6d}" for v in row) for row in report[who]["confusion_matrix"]] + [""]
-    return "\n".join(lines)
+def per_class(preds, labels, names: list[str]) -> list[dict]:
+    """Precision, recall, F1 and support of each class (index i is `names[i]`), one dict per class, in order.
+
+    precision = TP / predicted as the class, recall = TP / truly the class, F1 their harmonic mean; each is
+    0 where its denominator is (a class never predicted has precision 0).
+    """
+    cm = confusion_matrix(preds, labels, range(len(names)))
+    rows = []
+    for i, name in enumerate(names):
+        tp, predicted, support = int(cm[i, i]), int(cm[:, i].sum()), int(cm[i].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1_value = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({"label": name, "precision": precision, "recall": recall, "f1": f1_value,
+                     "support": support, "predicted": predicted})
+    return rows
+
+
+def macro_f1(rows: list[dict]) -> float:
+    """Mean F1 over the classes that occur in the labels (`per_class` rows with support > 0)."""
+    present = [r["f1"] for r in rows if r["support"]]
+    return float(np.mean(present)) if present else 0.0

@@ -1,8 +1,8 @@
-"""`distill export`, `distill predict` and `distill register`: checkpoints and model folders put to use."""
+"""`distill export`, `distill predict`, `distill eval` and `distill register`: checkpoints and model folders put
+to use."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -47,25 +47,11 @@ def cmd_predict(args) -> int:
     if args.speed is not None:
         model = None
     elif args.model.startswith(("runs:/", "models:/")):
-        import mlflow
+        from publish.classifier import mlflow_uris
 
         uri, _ = _store(args)
-        # MLflow resolves models:/ through its global URIs (and copies them into os.environ): set them for the
-        # load only, and leave the caller's process as it was, or its later runs would track into this store.
-        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-        had_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        try:
+        with mlflow_uris(uri):
             model = predict.load(args.model)
-        finally:
-            mlflow.set_tracking_uri(had_uri)
-            mlflow.set_registry_uri(None)
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
     else:
         model = predict.load(args.model)
     if args.input == "-":
@@ -79,6 +65,12 @@ def cmd_predict(args) -> int:
     for row in found:
         print(predict.dumps(row))
     return 0
+
+
+def cmd_eval(args) -> int:
+    from publish import evaluate
+
+    return evaluate.main(args, lambda: _store(args)[0])
 
 
 def _experiment(client, run_dir: Path | None) -> str:
@@ -134,8 +126,33 @@ def _store_args(parser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
 
 
+def evaluate_parser(subparsers) -> None:
+    """`distill eval MODEL DATA`: the flags (see publish/evaluate.py)."""
+    p = subparsers.add_parser("eval", help="score a model on a labelled file: metrics, confusion matrix, latency, "
+                                           "retention against a teacher")
+    p.add_argument("model", metavar="MODEL", help="model folder, stage or export directory, @stage (with --run-dir), "
+                                                  "runs:/ or models:/NAME@ALIAS")
+    p.add_argument("data", metavar="DATA", help="labelled .tsv, .csv or .jsonl file (or hf:DIR[:split])")
+    p.add_argument("--teacher", metavar="MODEL", help="also score this model and report retention and speed-up")
+    p.add_argument("--task", help="GLUE preset for the columns and metrics (sst2, mrpc, ...); default: custom")
+    p.add_argument("--text-column", action="append", default=[], metavar="COLUMN",
+                   help="text column (twice for sentence pairs; default: the preset's, else 'sentence')")
+    p.add_argument("--label-column", default="", help="label column (default: the preset's, else 'label')")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME",
+                   help="metric to report (repeatable; default: the preset's, else accuracy)")
+    p.add_argument("--max-length", type=int, default=128, help="longest tokenized input")
+    p.add_argument("--limit", type=int, help="score only the first N rows")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per forward")
+    p.add_argument("--latency-batch-size", type=int, default=32, help="batch size of the latency measurement")
+    p.add_argument("--latency-seq-len", type=int, default=64, help="sequence length of the latency measurement")
+    p.add_argument("--latency-repeats", type=int, default=10, help="timed repeats (median reported)")
+    p.add_argument("--out", metavar="DIR", help="write eval.json and the confusion-matrix PNG(s) here")
+    _store_args(p)
+    p.set_defaults(func=cmd_eval)
+
+
 def add_parser(subparsers) -> None:
-    """Add `distill export`, `distill predict` and `distill register` to the CLI."""
+    """Add `distill export`, `distill predict`, `distill eval` and `distill register` to the CLI."""
     p = subparsers.add_parser("export", help="turn a training checkpoint into a model folder and MLflow Model")
     p.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="the stage directory holding the checkpoints")
     p.add_argument("--checkpoint", metavar="step-N", help="which checkpoint (complete ones only)")
@@ -151,6 +168,8 @@ def add_parser(subparsers) -> None:
                    help="FastBERT early exit at speed threshold S in [0, 1] (a fastbert stage directory; 0: full model)")
     _store_args(p)
     p.set_defaults(func=cmd_predict)
+
+    evaluate_parser(subparsers)
 
     p = subparsers.add_parser("register", help="register a stage's or an export's model folder as a model version")
     p.add_argument("folder", metavar="DIR", help="a finished stage directory or a `distill export` folder")

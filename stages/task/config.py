@@ -18,7 +18,8 @@ class Config(TrainConfig):
     `pipeline.train.optim.TrainConfig`; the schedule restarts in each phase)."""
 
     data: TaskData = field(default_factory=TaskData)
-    """Task data: dev always; train unless `augmented` is given."""
+    """Task data: train (unless `augmented` is given), dev for the evaluation points, and the held-out test
+    split (`data.test`, or carved from train by the run seed) whose scores are the published ones."""
     teacher: str | None = field(default=None, metadata={"input": True})
     """Fine-tuned teacher stage, e.g. `@teacher_finetune`."""
     teacher_path: str | None = None
@@ -62,7 +63,10 @@ class Config(TrainConfig):
     checkpoint_every: int = field(default=200, metadata={"hash": False})
     """Save resumable training state every N steps (and at the end of each phase)."""
     eval_batch_size: int = field(default=128, metadata={"hash": False})
-    """Examples per dev forward."""
+    """Examples per dev / test forward."""
+    eval_every: int = field(default=0, metadata={"hash": False})
+    """Score the student on dev every N steps of each phase (0: only at the end of each phase); the points
+    are drawn on the loss curves (`phase_loss_curves.png`). Nothing is selected on them."""
     latency_batch_size: int = 32
     """Batch size of the inference-speed comparison."""
     latency_seq_len: int = 64
@@ -82,6 +86,8 @@ class Config(TrainConfig):
             raise ValueError("give student or student_path, not both")
         if self.objective == "tinybert_prediction" and not self.augmented:
             raise ValueError("objective tinybert_prediction reads cached teacher logits: set augmented: '@augment'")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         for name in ("batch_size", "latency_batch_size", "latency_seq_len", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

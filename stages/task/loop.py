@@ -148,10 +148,12 @@ def _phase_params(trainee: Trainee, phase: str, trainable: set[str]) -> list:
     return [(n, p) for n, p in named if n in trainable]
 
 
-def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, regression: bool):
+def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, regression: bool, evaluate=None):
     """Run the objective's phases through the one trainer; checkpoint every `checkpoint_every` steps (and at the
-    end of each phase) into `ckpt/step-N/` and resume from the newest complete one. Returns (counts, the
-    trained student: a CPU fp32 copy on rank 0, None on the other ranks)."""
+    end of each phase) into `ckpt/step-N/` and resume from the newest complete one. `evaluate(student)` (dev
+    metrics of the student being trained) runs every `eval_every` steps and at the end of each phase. Returns
+    (counts with `phases`: name, first global step and steps of each; the trained student: a CPU fp32 copy on
+    rank 0, None on the other ranks)."""
     ids, types, labels = data
     n, world = len(ids), ctx.world
     per_epoch = math.ceil(n / config.batch_size)
@@ -159,10 +161,12 @@ def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, r
     trainee = Trainee(student, _projection(student, teacher))
     trainable = {name for name, p in trainee.named_parameters() if p.requires_grad}
     found, state = trainer.resume_point(config, root, "task")
-    counts = {"teacher_train_examples": 0, "steps": 0, "resumed_from_step": state["global_step"] if state else 0}
+    counts = {"teacher_train_examples": 0, "steps": 0, "resumed_from_step": state["global_step"] if state else 0,
+              "phases": []}
     global_step, engine = 0, None
     for index, (phase, epochs) in enumerate(config.phases()):
         total = trainer.phase_steps(epochs, per_epoch, config.max_steps)
+        counts["phases"].append({"phase": phase, "first_step": global_step, "steps": total})
         if state is not None and state["phase"] > index:
             global_step += total
             continue
@@ -199,6 +203,8 @@ def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, r
         offset = global_step
         trainer.fit(engine, config, total=total, next_batch=next_batch, loss=loss, ctx=ctx, root=root,
                     desc=f"task {phase}", step_offset=offset, save_final=True, loss_metric=f"{phase}_loss",
+                    evaluate=(lambda step: evaluate(engine.module.student)) if evaluate else None,
+                    eval_every=config.eval_every, eval_final=evaluate is not None,
                     state=lambda: {"phase": index, "step": engine.global_step,
                                    "global_step": offset + engine.global_step})
         counts["steps"] += engine.global_step - start

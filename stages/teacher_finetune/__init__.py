@@ -22,12 +22,12 @@ import torch
 from formats import models
 from formats.taskdata import (
     encode,
-    load_task,
     pad_batch,
     predict,
     predictions,
     with_source,
 )
+from formats.testsplit import describe, load_splits
 from kd import metrics as task_metrics
 from kd.teachers import ATTENTION
 from pipeline import log
@@ -114,7 +114,10 @@ def run(config: Config, ctx):
     torch.manual_seed(ctx.seed)
     source = resolve_asset(config.teacher_path)
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    train_ex, dev_ex = load_task(with_source(config.data, ctx))
+    # The task stage's held-out test split (data.test, or the seed's carve of train) is kept out of training here.
+    splits = load_splits(with_source(config.data, ctx), ctx.seed)
+    train_ex, dev_ex = splits.train, splits.dev
+    log.info(f"teacher_finetune: {describe(splits.test_split)}, none of it trained on")
     preset = config.data.preset
     num_labels = 1 if preset.regression else len(train_ex.label_names)
     model = load_classifier(source, num_labels, train_ex.label_names)
@@ -136,7 +139,8 @@ def run(config: Config, ctx):
                                 examples=[t[0] for t in dev_ex.texts[:3]], card=models.card(ctx, metrics))
     dist.barrier()
     extra = {"model_dir": models.MODEL_DIR, "task": config.data.task, "label_names": train_ex.label_names,
-             "num_labels": num_labels, "regression": preset.regression, "finetuned_here": not config.finetuned}
+             "num_labels": num_labels, "regression": preset.regression, "finetuned_here": not config.finetuned,
+             "test_split": {k: v for k, v in splits.test_split.items() if k != "used"}}
     if not preset.regression:
         extra["confusion_matrix"] = task_metrics.confusion_matrix(preds, dev_ex.labels, range(num_labels)).tolist()
     return ctx.manifest(config, outputs, metrics, extra)

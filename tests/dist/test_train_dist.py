@@ -36,7 +36,7 @@ def tiny_classifier_encoder(folder):
 
 def _recipe(root):
     data = {"train": f"{SHARED_DATA}/sst2/train.tsv", "dev": f"{SHARED_DATA}/sst2/dev.tsv", "limit_train": 48,
-            "limit_dev": 16, "max_length": 24}
+            "limit_dev": 16, "limit_test": 16, "max_length": 24}
     finetune = {"stage": "teacher_finetune", "teacher_path": str(tiny_classifier_encoder(root / "encoder")),
                 "data": data, "epochs": 1, "batch_size": 8, "eval_every": 3, "lr": 1.0e-3, "checkpoint_every": 2,
                 "keep_last": 5, "device": "cpu"}

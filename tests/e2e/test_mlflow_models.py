@@ -32,7 +32,7 @@ tracking: {{enabled: true}}
 stages:
   teacher_finetune:
     teacher_path: {teacher}
-    data: &data {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 64, limit_dev: 32, max_length: 32}}
+    data: &data {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 64, limit_dev: 32, limit_test: 32, max_length: 32}}
     epochs: 2
     batch_size: 16
     eval_every: 4
@@ -142,6 +142,10 @@ def test_champion_is_an_mlflow_model_with_card_and_teacher_beside_it(run, store)
     for key in ("dev_accuracy", "params", "latency_ms"):
         assert key in teacher.data.metrics and key in student.data.metrics
     assert teacher.data.metrics["params"] > student.data.metrics["params"]
+    for key in ("test_accuracy", "test_score"):  # the held-out split's scores beside the dev ones
+        assert key in teacher.data.metrics and key in student.data.metrics
+    plots = {a.path for a in store.list_artifacts(student.info.run_id, "plots")}
+    assert {"plots/confusion_teacher.png", "plots/confusion_student.png", "plots/phase_loss_curves.png"} <= plots
     assert mlflow.pyfunc.load_model(teacher.data.tags["distill.model_uri"]).predict(SENTENCES[:2]).shape == (2, 2)
 
 

@@ -1,5 +1,6 @@
 """The task stages end to end on a tiny teacher and 64 SST-2 lines: fine-tune, augment + cache, two-step
-TinyBERT, a second student from the cache, Patient KD, exact resume, provenance and vocabulary checks."""
+TinyBERT, a second student from the cache, Patient KD, exact resume, provenance and vocabulary checks, the
+held-out test split (one carve for every stage, none of it trained on) and the report's pictures."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ run: {{name: tiny-task, seed: 0}}
 stages:
   teacher_finetune:
     teacher_path: {teacher}
-    data: &data {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 64, limit_dev: 32, max_length: 32}}
+    data: &data {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 64, limit_dev: 32, limit_test: 32, max_length: 32}}
     epochs: 1
     batch_size: 16
     eval_every: 2
@@ -148,7 +149,43 @@ def test_students_read_the_cache_and_report(pipeline_run):
     assert report["student"]["params"] < report["teacher"]["params"]
     assert report["summary"]["speedup"] > 0 and report["teacher"]["latency_ms"] > 0
     assert sum(map(sum, report["student"]["confusion_matrix"])) == 32
-    assert "confusion matrix" in (run_dir / "task/report.md").read_text()
+    assert sum(map(sum, report["student"]["test_confusion_matrix"])) == 32
+    assert [c["label"] for c in report["student"]["test_per_class"]] == ["0", "1"]
+    for key in ("teacher_test_score", "student_test_score", "student_test_accuracy", "teacher_test_accuracy",
+                "student_test_share_of_teacher", "student_dev_score", "student_share_of_teacher"):
+        assert key in first.metrics, key
+    assert first.metrics["student_test_share_of_teacher"] == pytest.approx(
+        first.metrics["student_test_score"] / first.metrics["teacher_test_score"])
+    text = (run_dir / "task/report.md").read_text()
+    for image in ("confusion_teacher.png", "confusion_student.png", "phase_loss_curves.png"):
+        assert f"]({image})" in text and (run_dir / "task" / image).stat().st_size > 1000, image
+        assert image in {o.path for o in first.outputs}
+    assert "| test accuracy |" in text and "| class | support |" in text and "predicts" in text
+
+
+def test_one_test_split_for_every_stage_and_none_of_it_trained_on(pipeline_run, tmp_path):
+    from formats.taskdata import TaskData
+    from formats.testsplit import load_splits
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import run_stage
+    from pipeline.world import World
+    from tests.conftest import SHARED_DATA
+
+    _, recipe_path, run_dir = pipeline_run
+    splits = {n: manifest(run_dir, n).extra["test_split"] for n in ("teacher_finetune", "augment", "task", "pkd")}
+    assert len({s["sha256"] for s in splits.values()}) == 1 and splits["task"]["source"] == "carved"
+    assert splits["task"]["size"] == round(0.1 * splits["task"]["train_file_rows"]) and splits["task"]["used"] == 32
+    data = TaskData(train=str(SHARED_DATA / "sst2/train.tsv"), dev=str(SHARED_DATA / "sst2/dev.tsv"))
+    held_out = {t for (t,) in load_splits(data, seed=0).test.texts}
+    augmented = [json.loads(line) for part in sorted((run_dir / "augment").glob("part-*.jsonl"))
+                 for line in part.read_text().splitlines()]
+    assert augmented and not {r["text"][0] for r in augmented} & held_out
+    # A task stage that would carve another split than its teacher's is refused before it trains.
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("pkd", "ckpt"))
+    recipe = load_recipe(recipe_path, ["stages.pkd.data.test_fraction=0.2"])
+    with pytest.raises(ConfigError, match="held out a different test split"):
+        run_stage(recipe, "pkd", copy, world=World())
 
 
 def test_resume_gives_the_same_weights(pipeline_run, tmp_path):

@@ -45,3 +45,19 @@ def test_compute_averages_named_metrics():
     assert out["score"] == pytest.approx((0.5 + 4 / 6) / 2)
     cm = metrics.confusion_matrix([1, 1], [0, 1], classes=range(3))
     assert cm.shape == (3, 3) and cm[0, 1] == 1 and cm[1, 1] == 1
+
+
+def test_per_class_precision_recall_f1_by_hand():
+    # true:  a a a b b c      predicted: a b a b c c
+    labels, preds = [0, 0, 0, 1, 1, 2], [0, 1, 0, 1, 2, 2]
+    rows = metrics.per_class(preds, labels, ["a", "b", "c", "d"])
+    assert [r["label"] for r in rows] == ["a", "b", "c", "d"]
+    # a: TP 2, predicted 2, support 3 -> P 1, R 2/3, F1 = 2*(2/3)/(5/3) = 0.8
+    assert (rows[0]["precision"], rows[0]["recall"], rows[0]["f1"]) == pytest.approx((1.0, 2 / 3, 0.8))
+    # b: TP 1, predicted 2, support 2 -> P 1/2, R 1/2, F1 1/2;  c: TP 1, predicted 2, support 1 -> P 1/2, R 1, F1 2/3
+    assert (rows[1]["precision"], rows[1]["recall"], rows[1]["f1"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert (rows[2]["precision"], rows[2]["recall"], rows[2]["f1"]) == pytest.approx((0.5, 1.0, 2 / 3))
+    # d never occurs and is never predicted: zeros, and it stays out of the macro mean
+    assert rows[3] == {"label": "d", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "predicted": 0}
+    assert [r["support"] for r in rows] == [3, 2, 1, 0] and [r["predicted"] for r in rows] == [2, 2, 2, 0]
+    assert metrics.macro_f1(rows) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)

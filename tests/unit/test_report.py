@@ -20,6 +20,13 @@ def test_summary_keys_and_ratios():
     assert "95.0% of teacher" in format_table(summary) and "5.0x faster" in format_table(summary)
 
 
+def test_held_out_test_scores_are_reported_beside_dev():
+    summary = summarise({**TASK, "teacher_test_score": 0.70, "student_test_score": 0.63}, None, None, None)
+    assert summary["student"]["test_retention"] == pytest.approx(0.9) and summary["teacher"]["test_score"] == 0.70
+    assert "test score" in format_table(summary) and "90.0% of teacher" in format_table(summary)
+    assert "test_score" not in summarise(TASK, None, None, None)["student"]  # a task manifest from before test splits
+
+
 def test_refused_promotion_points_at_the_version():
     registered = {"name": "m", "version": "2", "alias": "champion", "promoted": False, "reason": "dev_acc too low"}
     summary = summarise(TASK, registered, None, None)
