@@ -3,7 +3,7 @@
 Debian's `wordnet-base` installs `/usr/share/wordnet/data.{noun,verb,adj,adv}`: 117,659 synsets, each with a
 gloss (definition plus examples) and one of 45 lexicographer classes (noun.animal, verb.motion, ...). This
 stage writes the glosses as a corpus for `shard`, and (gloss -> lexicographer class) as a GLUE-style
-classification task split into train/dev by a hash of the synset, for `teacher_finetune`, `augment` and `task`.
+classification task split into train/dev/test by a hash of the synset, for `teacher_finetune`, `augment` and `task`.
 It never falls back to made-up text: without WordNet it stops and says how to install it.
 """
 
@@ -56,6 +56,14 @@ def _hash_unit(text: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def _split_of(sid: str, config: Config) -> str:
+    """train, dev or test for a synset: one hash, so dev keeps the synsets it had before test existed."""
+    unit = _hash_unit("dev:" + sid, config.split_seed)
+    if unit < config.dev_fraction:
+        return "dev"
+    return "test" if unit < config.dev_fraction + config.test_fraction else "train"
+
+
 def _write_tsv(path: Path, rows: list[tuple[str, str]]) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as out:
@@ -65,7 +73,7 @@ def _write_tsv(path: Path, rows: list[tuple[str, str]]) -> None:
 
 
 def run(config: Config, ctx):
-    """Write corpus.txt (every gloss), train.tsv and dev.tsv (gloss -> lexicographer class)."""
+    """Write corpus.txt (every gloss), train.tsv, dev.tsv and test.tsv (gloss -> lexicographer class)."""
     source = Path(config.source)
     missing = [name for name in POS_FILES if not (source / name).is_file()]
     if missing:
@@ -78,21 +86,25 @@ def run(config: Config, ctx):
     with atomic_path(corpus) as tmp:
         tmp.write_text("".join(f"{gloss}\n" for _, _, gloss in synsets), encoding="utf-8")
     ordered = sorted(synsets, key=lambda row: _hash_unit(row[0], config.split_seed))
-    dev = [(g, c) for sid, c, g in ordered if _hash_unit("dev:" + sid, config.split_seed) < config.dev_fraction]
-    train = [(g, c) for sid, c, g in ordered if _hash_unit("dev:" + sid, config.split_seed) >= config.dev_fraction]
-    train = train[: config.max_train]
+    splits: dict[str, list[tuple[str, str]]] = {"train": [], "dev": [], "test": []}
+    for sid, lexname, gloss in ordered:
+        splits[_split_of(sid, config)].append((gloss, lexname))
+    train = splits["train"][: config.max_train]
     seen = {c for _, c in train}
-    # A class too rare to reach the (limited) train split cannot be learned or scored: keep dev to seen classes.
-    unseen = sum(c not in seen for _, c in dev)
-    dev = [(g, c) for g, c in dev if c in seen][: config.max_dev]
-    _write_tsv(ctx.stage_dir / "train.tsv", train)
-    _write_tsv(ctx.stage_dir / "dev.tsv", dev)
+    # A class too rare to reach the (limited) train split cannot be learned or scored: keep dev/test to seen classes.
+    unseen = {name: sum(c not in seen for _, c in splits[name]) for name in ("dev", "test")}
+    dev = [(g, c) for g, c in splits["dev"] if c in seen][: config.max_dev]
+    test = [(g, c) for g, c in splits["test"] if c in seen][: config.max_test]
+    for name, rows in (("train", train), ("dev", dev), ("test", test)):
+        _write_tsv(ctx.stage_dir / f"{name}.tsv", rows)
     labels = sorted({c for _, c in train})
     outputs = [
         OutputFile.of(ctx.stage_dir, "corpus.txt", lines=len(synsets)),
         OutputFile.of(ctx.stage_dir, "train.tsv", examples=len(train)),
         OutputFile.of(ctx.stage_dir, "dev.tsv", examples=len(dev)),
+        OutputFile.of(ctx.stage_dir, "test.tsv", examples=len(test)),
     ]
     extra = {"labels": labels, "text_column": "sentence", "label_column": "label", "source": str(source)}
-    metrics = {"synsets": len(synsets), "classes": len(labels), "dev_dropped_unseen_class": unseen}
+    metrics = {"synsets": len(synsets), "classes": len(labels), "dev_dropped_unseen_class": unseen["dev"],
+               "test_dropped_unseen_class": unseen["test"]}
     return ctx.manifest(config, outputs, metrics=metrics, extra=extra)

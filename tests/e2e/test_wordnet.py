@@ -27,7 +27,7 @@ def fake_wordnet(folder):
 def test_wordnet_stage_writes_corpus_and_task(tmp_path):
     fake_wordnet(tmp_path / "wn")
     config = tmp_path / "wordnet.yaml"
-    config.write_text(f"source: {tmp_path / 'wn'}\ndev_fraction: 0.4\n")
+    config.write_text(f"source: {tmp_path / 'wn'}\ndev_fraction: 0.3\ntest_fraction: 0.3\n")
     out = run_cli("stage", "wordnet", str(config), "--run-dir", str(tmp_path / "run"))
     assert out.returncode == 0, out.stderr
     stage = tmp_path / "run" / "wordnet"
@@ -36,15 +36,27 @@ def test_wordnet_stage_writes_corpus_and_task(tmp_path):
         with open(stage / name) as handle:
             return [r["label"] for r in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
-    train, dev = labels("train.tsv"), labels("dev.tsv")
-    assert set(dev) <= set(train), "dev holds a class train never shows"
-    dropped = json.loads((stage / "manifest.json").read_text())["metrics"]["dev_dropped_unseen_class"]
-    assert len(train) + len(dev) + dropped == 7  # every synset lands in train, dev, or is dropped as unseen
+    train, dev, test = labels("train.tsv"), labels("dev.tsv"), labels("test.tsv")
+    assert set(dev) <= set(train) and set(test) <= set(train), "dev or test holds a class train never shows"
+    metrics = json.loads((stage / "manifest.json").read_text())["metrics"]
+    dropped = metrics["dev_dropped_unseen_class"] + metrics["test_dropped_unseen_class"]
+    # every synset lands in exactly one of train, dev, test, or is dropped as unseen
+    assert len(train) + len(dev) + len(test) + dropped == 7
+    glosses = {name: set((stage / name).read_text().splitlines()[1:]) for name in ("train.tsv", "dev.tsv", "test.tsv")}
+    assert not glosses["train.tsv"] & glosses["test.tsv"] and not glosses["dev.tsv"] & glosses["test.tsv"]
     assert set(train) <= {"noun.Tops", "noun.animal", "verb.body", "adj.all", "adv.all"}
     # The split is a function of the synset ids only: a rerun elsewhere gives the same files.
     again = run_cli("stage", "wordnet", str(config), "--run-dir", str(tmp_path / "run2"))
     assert again.returncode == 0
-    assert (stage / "dev.tsv").read_bytes() == (tmp_path / "run2" / "wordnet" / "dev.tsv").read_bytes()
+    for name in ("dev.tsv", "test.tsv"):
+        assert (stage / name).read_bytes() == (tmp_path / "run2" / "wordnet" / name).read_bytes()
+
+
+def test_test_fraction_is_validated(tmp_path):
+    config = tmp_path / "wordnet.yaml"
+    config.write_text("dev_fraction: 0.6\ntest_fraction: 0.5\n")
+    out = run_cli("stage", "wordnet", str(config), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 2 and "test_fraction" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_missing_wordnet_says_how_to_install(tmp_path):
