@@ -28,6 +28,7 @@ STAGES: dict[str, str] = {
     "task": "stages.task",
     "register": "stages.register",
     "report": "stages.report",
+    "extract": "stages.extract",
 }
 """Every stage type the pipeline knows, by the name recipes use."""
 

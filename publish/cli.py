@@ -1,7 +1,9 @@
-"""`distill export`, `distill predict` and `distill register`: checkpoints and model folders put to use."""
+"""`distill export`, `distill predict`, `distill register` and `distill audit`: checkpoints and model folders put to
+use (and put to the test: how stealable they are, publish/audit.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -20,6 +22,29 @@ def _store(args) -> tuple[str, object]:
     return uri, connect(uri, args.timeout)
 
 
+@contextlib.contextmanager
+def mlflow_store(uri: str):
+    """MLflow's global tracking and registry URIs set to `uri` for the block (models:/ resolves through them,
+    and MLflow copies them into os.environ); afterwards the caller's process is as it was, or its later runs
+    would track into this store."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    had_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(had_uri)
+        mlflow.set_registry_uri(None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def cmd_export(args) -> int:
     from publish.export import export
 
@@ -33,25 +58,9 @@ def cmd_predict(args) -> int:
     from publish import predict
 
     if args.model.startswith(("runs:/", "models:/")):
-        import mlflow
-
         uri, _ = _store(args)
-        # MLflow resolves models:/ through its global URIs (and copies them into os.environ): set them for the
-        # load only, and leave the caller's process as it was, or its later runs would track into this store.
-        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-        had_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        try:
+        with mlflow_store(uri):
             model = predict.load(args.model)
-        finally:
-            mlflow.set_tracking_uri(had_uri)
-            mlflow.set_registry_uri(None)
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
     else:
         model = predict.load(args.model)
     if args.input == "-":
@@ -113,6 +122,15 @@ def cmd_register(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from publish.audit import run_audit
+
+    report = run_audit(args, lambda: _store(args)[0])
+    print(report.read_text())
+    print(f"report: {report} (report.json, extract.png beside it)")
+    return 0
+
+
 def _store_args(parser) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--run-dir", help="use the embedded store of this run directory")
@@ -120,7 +138,9 @@ def _store_args(parser) -> None:
 
 
 def add_parser(subparsers) -> None:
-    """Add `distill export`, `distill predict` and `distill register` to the CLI."""
+    """Add `distill export`, `distill predict`, `distill register` and `distill audit` to the CLI."""
+    from publish.audit import add_arguments
+
     p = subparsers.add_parser("export", help="turn a training checkpoint into a model folder and MLflow Model")
     p.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="the stage directory holding the checkpoints")
     p.add_argument("--checkpoint", required=True, metavar="step-N", help="which checkpoint (complete ones only)")
@@ -142,3 +162,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--description", default="", help="description stored with the version")
     _store_args(p)
     p.set_defaults(func=cmd_register)
+
+    p = subparsers.add_parser("audit", help="how stealable a promoted model is: extraction, detector, watermark")
+    add_arguments(p)
+    _store_args(p)
+    p.set_defaults(func=cmd_audit)
