@@ -111,7 +111,8 @@ class Client:
 
     def __init__(self, url: str, *, answers: str = "label", rate_limit: float | None = None, retries: int = 3,
                  backoff_s: float = 0.5, timeout_s: float = 60.0):
-        self.url, self.answers, self.retries, self.backoff_s, self.timeout_s = url.rstrip("/"), answers, retries, backoff_s, timeout_s
+        self.url, self.answers, self.retries = url.rstrip("/"), answers, retries
+        self.backoff_s, self.timeout_s = backoff_s, timeout_s
         self.interval = 1.0 / rate_limit if rate_limit else 0.0
         self.next_at = 0.0
         self.requests = 0
@@ -139,10 +140,12 @@ class Client:
                 error = f"HTTP {reply.status_code}"
                 continue
             if reply.status_code != 200:
-                raise ConfigError(f"{self.url}/invocations refused the queries: HTTP {reply.status_code} {reply.text[:200]}")
+                raise ConfigError(f"{self.url}/invocations refused the queries: HTTP {reply.status_code} "
+                                  f"{reply.text[:200]}")
             found = reply.json().get("predictions")
             if not isinstance(found, list) or len(found) != len(texts) or not all("label" in p for p in found):
-                raise ConfigError(f"{self.url}/invocations: expected one {{label, score}} per query, got {str(found)[:200]}")
+                raise ConfigError(f"{self.url}/invocations: expected one {{label, score}} per query, "
+                                  f"got {str(found)[:200]}")
             keep = ("label", "score") if self.answers == "top1_prob" else ("label",)
             return [{k: p[k] for k in keep} for p in found]
         raise ConfigError(f"{self.url}/invocations did not answer after {self.retries + 1} tries ({error}); "

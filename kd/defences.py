@@ -5,7 +5,7 @@ Watermark (after Szyller et al.'s DAWN): a deployment answers a secret share of 
 Which queries, and which wrong label, follow from HMAC-SHA256(key, query text): the same query always gets the
 same answer (asking twice reveals nothing), nobody without the key can tell which answers are marked, and the
 owner can recompute them. A suspect model that gives the marked labels on the marked queries far more often
-than chance learnt from the deployment's answers.
+than chance (a binomial test against `chance_match`) learnt from the deployment's answers.
 
 Detector: logistic regression on the victim's own [CLS] representations, real queries against generated ones;
 its AUC on held-out queries says how well a deployment could flag an extraction attack.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from typing import Sequence
 
 import numpy as np
@@ -61,6 +62,20 @@ def watermark_match(suspect: np.ndarray, marked: np.ndarray) -> float:
     return float((suspect == marked).mean()) if len(marked) else float("nan")
 
 
+def chance_match(num_labels: int) -> float:
+    """How often a model that never saw the watermark gives a marked query's watermark label, at most: one
+    specific wrong class of K-1 (a coin flip's 0.5 for two classes, where the other class is the only one)."""
+    return min(0.5, 1.0 / max(num_labels - 1, 1))
+
+
+def watermark_p_value(matches: int, marked: int, num_labels: int) -> float:
+    """P(at least `matches` of `marked` watermark labels by chance): the binomial tail at `chance_match`.
+    A small value says the suspect learnt from the watermarked answers."""
+    p = chance_match(num_labels)
+    return float(min(1.0, sum(math.comb(marked, k) * p**k * (1 - p) ** (marked - k)
+                              for k in range(matches, marked + 1))))
+
+
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """ROC AUC: the probability that a random positive scores above a random negative, ties counting one half
     (Mann-Whitney U over average ranks)."""
@@ -92,9 +107,9 @@ def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def fit_logistic(features: torch.Tensor, positive: torch.Tensor, *, weight_decay: float = 1e-3,
-                 steps: int = 200, seed: int = 0):
-    """Logistic regression (L-BFGS on standardised features, L2 penalty); returns a function of features
-    giving the probability of the positive class."""
+                 steps: int = 300, lr: float = 0.05, seed: int = 0):
+    """Logistic regression (full-batch Adam on standardised features, L2 penalty, a fixed number of steps so
+    its cost is known); returns a function of features giving the probability of the positive class."""
     x = features.double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     x = (x - mean) / std
@@ -102,14 +117,11 @@ def fit_logistic(features: torch.Tensor, positive: torch.Tensor, *, weight_decay
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(x.shape[1], generator=gen, dtype=torch.float64) * 0.01).requires_grad_(True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
+    opt = torch.optim.Adam([w, b], lr=lr)
+    for _ in range(steps):
         opt.zero_grad()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + weight_decay * (w * w).sum()
         loss.backward()
-        return loss
-
-    opt.step(closure)
+        opt.step()
     w, b = w.detach(), b.detach()
     return lambda f: torch.sigmoid(((f.double() - mean) / std) @ w + b).float()

@@ -75,14 +75,17 @@ def _ask_all(config: Config, ctx, victim, names, sizes, vocab, sentences, test, 
 
 
 def _evaluate(model, tokenizer, config, device, test, victim_test, marked: dict, texts) -> dict:
-    """Test accuracy, agreement with the victim, and the watermark's match on the marked ones of `texts`."""
+    """Test accuracy, agreement with the victim, and the watermark test on the marked ones of `texts`."""
     preds = students.labels_of(model, tokenizer, test.texts, config, device)
     hits = [t for t in dict.fromkeys(texts) if t in marked]
     found = students.labels_of(model, tokenizer, hits, config, device) if hits else np.array([], np.int64)
-    match = defences.watermark_match(found, np.array([marked[t] for t in hits], np.int64))
+    wanted = np.array([marked[t] for t in hits], np.int64)
+    matches = int((found == wanted).sum())
+    p_value = defences.watermark_p_value(matches, len(hits), model.config.num_labels)
     return {"test_accuracy": float((preds == test.labels).mean()), "agreement": agreement(preds, victim_test),
-            "watermarked_queries": len(hits), "watermark_recall": None if match != match else match,
-            "watermark_verdict": bool(hits) and bool(match >= config.watermark_threshold)}
+            "watermarked_queries": len(hits), "watermark_matches": matches,
+            "watermark_recall": matches / len(hits) if hits else None, "watermark_p_value": p_value,
+            "watermark_verdict": bool(hits) and p_value < config.watermark_alpha}
 
 
 def _detector(config, ctx, victim, names, train, test, asked, device) -> dict:
@@ -180,10 +183,12 @@ def run(config: Config, ctx):
         "train_size": len(train), "test_size": len(test), "generators": list(config.generators),
         "budgets": sorted(config.budgets), "queries_asked": sum(len(a[0]) for a in asked.values()) + len(test),
         "requests": requests, "watermark_fraction": config.watermark_fraction, "watermarked_queries": len(marked),
-        "watermark_threshold": config.watermark_threshold, "watermark_suspect": f"{chosen[0]}-{chosen[1]:g}x",
+        "watermark_alpha": config.watermark_alpha, "watermark_chance": defences.chance_match(len(names)),
+        "watermark_suspect": f"{chosen[0]}-{chosen[1]:g}x",
         "victim_test_accuracy": float((victim_test == test.labels).mean()),
         "deployed_test_accuracy": float((deployed == test.labels).mean()),
         "watermark_recall": suspect["watermark_recall"], "watermark_fpr": independent["watermark_recall"],
+        "watermark_verdict": suspect["watermark_verdict"],
         "detector_auc": detector["auc"]}
     summary["watermark_cost"] = summary["victim_test_accuracy"] - summary["deployed_test_accuracy"]
     return _write(config, ctx, {"summary": summary, "extraction": rows, "independent": independent,

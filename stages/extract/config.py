@@ -67,8 +67,9 @@ class Config(TrainConfig):
     watermark_key_file: str | None = None
     """File holding the secret watermark key; None: RUN_DIR/watermark.key. Created (mode 0600) when missing;
     its content never enters configs, logs or MLflow."""
-    watermark_threshold: float = 0.5
-    """A suspect giving the watermark's label on at least this share of the marked queries is a copy."""
+    watermark_alpha: float = 0.01
+    """A suspect is called a copy when matching that many watermark labels by chance has a probability
+    (binomial tail at 1/(K-1) per marked query, 0.5 for two classes) below this."""
     detector_samples: int = 2000
     """Real and generated queries each, at most, split half for fitting the detector and half for its AUC."""
     epochs: float = 3.0
@@ -117,7 +118,7 @@ class Config(TrainConfig):
             raise ValueError(f"rate_limit must be > 0 requests/s or null, got {self.rate_limit}")
         if not 0 <= self.watermark_fraction < 0.5:
             raise ValueError(f"watermark_fraction must be in [0, 0.5), got {self.watermark_fraction}")
-        if not 0 < self.watermark_threshold <= 1:
-            raise ValueError(f"watermark_threshold must be in (0, 1], got {self.watermark_threshold}")
+        if not 0 < self.watermark_alpha < 1:
+            raise ValueError(f"watermark_alpha must be in (0, 1), got {self.watermark_alpha}")
         if self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")

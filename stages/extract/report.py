@@ -20,12 +20,12 @@ def markdown(report: dict) -> str:
              f"(never trained on by the victim). The deployment answers `{s['answers']}`; "
              f"{s['queries_asked']} queries asked in {s['requests']} requests.", "",
              "## Extraction", "",
-             "| generator | budget | queries | agreement | test accuracy | watermarked | watermark recall | copy? |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| generator | budget | queries | agreement | test accuracy | watermarked | watermark recall | p-value | copy? |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in report["extraction"]:
         lines.append(f"| {row['generator']} | {row['budget']:g}x | {row['queries']} | {fmt(row['agreement'])} | "
                      f"{fmt(row['test_accuracy'])} | {row['watermarked_queries']} | {fmt(row['watermark_recall'])} | "
-                     f"{'yes' if row['watermark_verdict'] else 'no'} |")
+                     f"{row['watermark_p_value']:.2g} | {'yes' if row['watermark_verdict'] else 'no'} |")
     lines += ["", f"Independent model (same init, {ind['train_examples']} real labelled examples): agreement "
               f"{fmt(ind['agreement'])}, test accuracy {fmt(ind['test_accuracy'])}.",
               f"Victim: test accuracy {fmt(s['victim_test_accuracy'])}.", "",
@@ -33,7 +33,9 @@ def markdown(report: dict) -> str:
               f"- Watermark: {s['watermark_fraction']:g} of queries answered with a keyed wrong label "
               f"({s['watermarked_queries']} marked). Recall on the extracted model "
               f"({s['watermark_suspect']}): {fmt(s['watermark_recall'])}; false-positive rate on the independent "
-              f"model: {fmt(s['watermark_fpr'])} (threshold {s['watermark_threshold']:g}). Cost: the deployment's "
+              f"model: {fmt(s['watermark_fpr'])} (chance {s['watermark_chance']:.3g}; a copy when p < "
+              f"{s['watermark_alpha']:g}: extracted {'yes' if s['watermark_verdict'] else 'no'}, independent "
+              f"{'yes' if ind['watermark_verdict'] else 'no'}). Cost: the deployment's "
               f"test accuracy is {fmt(s['deployed_test_accuracy'])} against the model's {fmt(s['victim_test_accuracy'])} "
               f"({fmt(s['watermark_cost'])} lost).",
               f"- Detector (logistic regression on the victim's [CLS]; fit on {det['fit']} real training + "

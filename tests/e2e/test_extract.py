@@ -25,16 +25,18 @@ from tests.fixtures.wordnet import wordnet  # noqa: F401 - fixture
 RECIPE = REPO / "configs" / "recipes" / "extract.yaml"
 
 
-def reduced(teacher, student) -> list[str]:
+def reduced(teacher, student, key) -> list[str]:
     return [
         "tracking.enabled=false",
         "stages.wordnet.max_train=64", "stages.wordnet.max_dev=24",
         "stages.shard.max_docs=300", "stages.shard.docs_per_shard=300", "stages.shard.max_seq_len=32",
         f"stages.teacher_finetune.teacher_path={teacher}", "stages.teacher_finetune.max_steps=12",
-        "stages.teacher_finetune.batch_size=16", "stages.teacher_finetune.eval_every=6", "stages.teacher_finetune.lr=3e-3",
-        f"stages.extract.student_path={student}", "stages.extract.budgets=[0.25,0.5]", "stages.extract.query_batch=8",
+        "stages.teacher_finetune.batch_size=16", "stages.teacher_finetune.eval_every=6",
+        "stages.teacher_finetune.lr=3e-3",
+        f"stages.extract.student_path={student}", "stages.extract.budgets=[0.125,0.25]", "stages.extract.query_batch=4",
         "stages.extract.rate_limit=null", "stages.extract.corpus_max_sentences=400", "stages.extract.vocab_size=500",
-        "stages.extract.watermark_fraction=0.25", "stages.extract.detector_samples=48", "stages.extract.epochs=100", "stages.extract.max_steps=200",
+        "stages.extract.watermark_fraction=0.3", f"stages.extract.watermark_key_file={key}",
+        "stages.extract.detector_samples=48", "stages.extract.epochs=200", "stages.extract.max_steps=200",
         "stages.extract.lr=3e-3", "stages.extract.batch_size=16", "stages.extract.threads=1",
         # Memorising the watermark's few odd answers takes a tiny student many plain steps.
         "stages.extract.schedule=constant", "stages.extract.warmup_ratio=0.0", "stages.extract.clip_norm=null",
@@ -62,13 +64,15 @@ def distill(*args: str, sets: list[str]) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory, wordnet):  # noqa: F811 - fixture
     root = tmp_path_factory.mktemp("extract")
-    sets = reduced(tiny_encoder(root / "teacher"), attacker_student(root / "student"))
+    key = root / "watermark.key"  # a fixed key: the same queries are marked on every run of the test
+    key.write_text("0123456789abcdef" * 4 + "\n")
+    sets = reduced(tiny_encoder(root / "teacher"), attacker_student(root / "student"), key)
     run_dir = root / "run"
     killed = distill("run", str(RECIPE), "--run-dir", str(run_dir), sets=sets + ["stages.extract.die_after_batches=2"])
     assert killed.returncode == -9, killed.stderr[-3000:]
     stage = run_dir / "extract"
     first = journal.read(stage / "answers" / "random.jsonl")
-    assert len(first) == 16 and not (stage / "manifest.json").exists()
+    assert len(first) == 8 and not (stage / "manifest.json").exists()
     done = distill("run", str(RECIPE), "--run-dir", str(run_dir), sets=sets)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir, first
@@ -79,16 +83,16 @@ def test_killed_extraction_resumes_without_asking_twice(extracted):
     stage = run_dir / "extract"
     report = json.loads((stage / "report.json").read_text())
     train, test = report["summary"]["train_size"], report["summary"]["test_size"]
-    largest = math.ceil(0.5 * train)
+    largest = math.ceil(0.25 * train)
     sets = {"random": largest, "corpus": largest, "test": test}
     for name, size in sets.items():
         records = journal.read(stage / "answers" / f"{name}.jsonl")
         assert sorted(r["i"] for r in records) == list(range(size)), name  # each query answered exactly once
         assert all(set(r) == {"i", "text", "label"} for r in records), "the attacker saw more than labels"
-    assert journal.read(stage / "answers" / "random.jsonl")[:16] == first  # kept, not re-asked
+    assert journal.read(stage / "answers" / "random.jsonl")[:8] == first  # kept, not re-asked
     # What the server answered, by its own access log (both runs append to serve.log): one request per batch.
     served = (stage / "serve.log").read_text().count('"POST /invocations HTTP/1.1" 200')
-    assert served == sum(math.ceil(n / 8) for n in sets.values())
+    assert served == sum(math.ceil(n / 4) for n in sets.values())
     assert report["summary"]["requests"] == served - 2  # the rerun's own count: the 2 batches before the kill
 
 
@@ -96,16 +100,39 @@ def test_watermark_flags_the_copy_not_the_independent_model(extracted):
     run_dir, _ = extracted
     report = json.loads((run_dir / "extract" / "report.json").read_text())
     s = report["summary"]
-    assert s["watermarked_queries"] >= 10
-    copy = next(r for r in report["extraction"] if (r["generator"], r["budget"]) == ("random", 0.5))
-    assert copy["watermark_verdict"] and copy["watermark_recall"] >= 0.8
-    assert not report["independent"]["watermark_verdict"] and s["watermark_fpr"] < 0.3
+    assert s["watermarked_queries"] >= 4
+    copy = next(r for r in report["extraction"] if (r["generator"], r["budget"]) == ("random", 0.25))
+    assert copy["watermark_verdict"] and copy["watermark_p_value"] < 0.01 and s["watermark_verdict"]
+    independent = report["independent"]
+    assert not independent["watermark_verdict"] and independent["watermark_p_value"] > 0.01
+    assert copy["watermark_recall"] > s["watermark_fpr"]
     assert s["deployed_test_accuracy"] <= s["victim_test_accuracy"]
     assert 0.0 <= s["detector_auc"] <= 1.0 and set(report["detector"]["auc_by_generator"]) == {"random", "corpus"}
     assert len(report["extraction"]) == 4 and all(0 <= r["agreement"] <= 1 for r in report["extraction"])
     assert (run_dir / "extract" / "extract.png").stat().st_size > 10_000
-    key = (run_dir / "watermark.key").read_bytes().strip()
-    for path in (run_dir / "extract").rglob("*"):  # the key is in no output, log or config
-        if path.is_file() and path.name != "watermark.key":
+    key = (run_dir.parent / "watermark.key").read_bytes().strip()
+    for path in run_dir.rglob("*"):  # the key is in no output, log, config or tracking file
+        if path.is_file():
             assert key not in path.read_bytes(), path
-    assert (run_dir / "watermark.key").stat().st_mode & 0o077 == 0
+
+
+def test_audit_steals_a_promoted_model(extracted, tmp_path):
+    run_dir, _ = extracted
+    registered = distill("register", str(run_dir / "teacher_finetune"), "--name", "victim", "--alias", "champion",
+                         "--run-dir", str(run_dir), sets=[])
+    assert registered.returncode == 0, registered.stderr[-2000:]
+    wordnet_dir, out = run_dir / "wordnet", tmp_path / "audit"
+    student = run_dir.parent / "student"
+    audit = distill("audit", "models:/victim@champion", "--run-dir", str(run_dir),
+                    "--train", str(wordnet_dir / "train.tsv"),
+                    "--test", str(wordnet_dir / "dev.tsv"), "--corpus", str(wordnet_dir / "corpus.txt"),
+                    "--budget", "0.25", "--student", str(student), "--out", str(out),
+                    sets=["stages.extract.max_steps=4", "stages.extract.detector_samples=16",
+                          "stages.extract.corpus_max_sentences=300", "stages.extract.threads=1",
+                          "stages.extract.watermark_fraction=0.2"])
+    assert audit.returncode == 0, audit.stderr[-3000:]
+    assert "# Model extraction of" in audit.stdout and "| random | 0.25x | 16 |" in audit.stdout
+    assert (out / "victim" / "MLmodel").is_file()  # fetched from the registry, then served
+    report = json.loads((out / "run" / "extract" / "report.json").read_text())
+    assert report["summary"]["budgets"] == [0.25] and report["summary"]["generators"] == ["random"]
+    assert '"POST /invocations HTTP/1.1" 200' in (out / "run" / "extract" / "serve.log").read_text()

@@ -64,11 +64,11 @@ def test_detector_separates_shifted_features_and_not_identical_ones():
     gen = torch.Generator().manual_seed(0)
     real, fake = torch.randn(200, 8, generator=gen), torch.randn(200, 8, generator=gen) + 1.5
     labels = torch.cat([torch.zeros(100), torch.ones(100)])
-    score = defences.fit_logistic(torch.cat([real[:100], fake[:100]]), labels)
+    score = defences.fit_logistic(torch.cat([real[:100], fake[:100]]), labels, steps=100)
     held = score(torch.cat([real[100:], fake[100:]])).numpy()
     assert defences.roc_auc(held, labels.numpy()) > 0.95
     same = torch.randn(400, 8, generator=gen)
-    score = defences.fit_logistic(same[:200], labels)
+    score = defences.fit_logistic(same[:200], labels, steps=100)
     assert abs(defences.roc_auc(score(same[200:]).numpy(), labels.numpy()) - 0.5) < 0.15
 
 
@@ -85,7 +85,12 @@ def test_watermark_is_keyed_deterministic_and_always_wrong():
     deployed = defences.deployed_labels(b"k" * 32, texts, labels, 0.1, 5)
     assert int((deployed != 2).sum()) == len(marked)
     assert defences.watermark_match(np.array([1, 0, 3]), np.array([1, 2, 3])) == pytest.approx(2 / 3)
-    assert defences.watermark_label(b"k" * 32, ("a b", "c"), 0, 1000) != defences.watermark_label(b"k" * 32, ("a", "b c"), 0, 1000)
+    # Binomial tails by hand: 1 of 2 at 0.5 (two classes) is 3/4; 2 of 3 at 1/10 (11 classes) is 3*.01*.9 + .001.
+    assert defences.watermark_p_value(1, 2, 2) == pytest.approx(0.75)
+    assert defences.watermark_p_value(2, 3, 11) == pytest.approx(0.028)
+    assert defences.watermark_p_value(0, 5, 45) == pytest.approx(1.0)
+    split = [defences.watermark_label(b"k" * 32, t, 0, 1000) for t in (("a b", "c"), ("a", "b c"))]
+    assert split[0] != split[1]  # the text fields are hashed apart
 
 
 def test_journal_keeps_answered_batches_and_drops_a_torn_line(tmp_path):
@@ -167,3 +172,22 @@ def test_watermarking_deployment_relabels_marked_queries_and_journals_them(tmp_p
     records = journal.read(tmp_path / "wm.jsonl")
     assert [tuple(r["text"]) for r in records] == [t for t, e in zip(texts, expected) if e == "neg"]
     assert all(r["label"] == "neg" and r["model_label"] == "pos" for r in records) and 8 < len(records) < 30
+
+
+def test_watermark_key_file_is_made_secret_and_reused(tmp_path):
+    from types import SimpleNamespace
+
+    from stages.extract.asking import watermark_key
+    from stages.extract.config import Config
+
+    config = Config(victim_path="v", corpus_path="c")
+    key = watermark_key(config, SimpleNamespace(run_dir=tmp_path))
+    assert len(key) == 64 and (tmp_path / "watermark.key").stat().st_mode & 0o077 == 0
+    assert watermark_key(config, SimpleNamespace(run_dir=tmp_path)) == key
+    (tmp_path / "short.key").write_text("abc")
+    with pytest.raises(ConfigError, match="at least 16"):
+        watermark_key(Config(victim_path="v", corpus_path="c", watermark_key_file=str(tmp_path / "short.key")), None)
+    for bad, named in (({"budgets": [0]}, "budgets"), ({"generators": ["wiki"]}, "generators"),
+                       ({"corpus": "@shard"}, "corpus_path"), ({"watermark_fraction": 0.7}, "watermark_fraction")):
+        with pytest.raises(ValueError, match=named):
+            Config(**{"victim_path": "v", "corpus_path": "c", **bad})
