@@ -61,8 +61,11 @@ def plot(report: dict, path: Path) -> Path:
     axes[0].axhline(ind["agreement"], color="grey", linestyle="--", label="independent (real labels)")
     axes[1].axhline(ind["test_accuracy"], color="grey", linestyle="--", label="independent (real labels)")
     axes[1].axhline(s["victim_test_accuracy"], color="black", linestyle=":", label="victim")
+    budgets = s["budgets"]
     for ax, what in ((axes[0], "agreement with the victim"), (axes[1], "test accuracy")):
         ax.set_xscale("log")
+        ax.set_xticks(budgets, [f"{b:g}x" for b in budgets])
+        ax.set_xticks([], minor=True)  # the log axis's minor labels would overlap the budgets
         ax.set_xlabel("query budget (x training set size)")
         ax.set_ylabel(what)
         ax.set_title(f"{what} vs query budget")
