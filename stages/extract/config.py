@@ -78,12 +78,6 @@ class Config(TrainConfig):
     """Cap on optimizer steps per student (quick runs)."""
     batch_size: int = 32
     """Examples per step."""
-    lr: float = 1e-4
-    """Peak learning rate."""
-    schedule: Literal["cosine", "linear", "constant"] = "linear"
-    """Decay after warmup."""
-    warmup_ratio: float = 0.1
-    """Warmup over this share of each student's steps."""
     checkpoint_every: int = field(default=200, metadata={"hash": False})
     """Optimizer steps between checkpoints of a student."""
     eval_batch_size: int = field(default=128, metadata={"hash": False})
