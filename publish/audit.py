@@ -31,7 +31,7 @@ def fetch(model: str, out: Path, store_uri) -> Path:
         return target.resolve()
     import mlflow
 
-    from publish.cli import mlflow_store
+    from publish.predict import mlflow_store
 
     staging = out / ".tmp-victim"
     shutil.rmtree(staging, ignore_errors=True)

@@ -3,8 +3,6 @@ use (and put to the test: how stealable they are, publish/audit.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -22,29 +20,6 @@ def _store(args) -> tuple[str, object]:
     return uri, connect(uri, args.timeout)
 
 
-@contextlib.contextmanager
-def mlflow_store(uri: str):
-    """MLflow's global tracking and registry URIs set to `uri` for the block (models:/ resolves through them,
-    and MLflow copies them into os.environ); afterwards the caller's process is as it was, or its later runs
-    would track into this store."""
-    import mlflow
-
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    had_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(had_uri)
-        mlflow.set_registry_uri(None)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def cmd_export(args) -> int:
     from publish.export import export
 
@@ -59,7 +34,7 @@ def cmd_predict(args) -> int:
 
     if args.model.startswith(("runs:/", "models:/")):
         uri, _ = _store(args)
-        with mlflow_store(uri):
+        with predict.mlflow_store(uri):
             model = predict.load(args.model)
     else:
         model = predict.load(args.model)

@@ -6,7 +6,9 @@ MODEL_URI is a model folder, a stage or export directory (its manifest's `extra.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -32,6 +34,29 @@ def model_uri(given: str) -> str:
         if model_dir and (folder / model_dir / "MLmodel").is_file():
             return str(folder / model_dir)
     raise ConfigError(f"{given}: not an MLflow Model folder, a stage directory with one, runs:/ or models:/")
+
+
+@contextlib.contextmanager
+def mlflow_store(uri: str):
+    """MLflow's global tracking and registry URIs set to `uri` for the block (models:/ resolves through them,
+    and MLflow copies them into os.environ); afterwards the caller's process is as it was, or its later runs
+    would track into this store."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    had_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(had_uri)
+        mlflow.set_registry_uri(None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def load(given: str):
