@@ -31,6 +31,7 @@ STAGES: dict[str, str] = {
     "register": "stages.register",
     "report": "stages.report",
     "prune": "stages.prune",
+    "extract": "stages.extract",
 }
 """Every stage type the pipeline knows, by the name recipes use."""
 

@@ -1,5 +1,5 @@
-"""`distill export`, `distill predict`, `distill eval` and `distill register`: checkpoints and model folders put
-to use."""
+"""`distill export`, `distill predict`, `distill eval`, `distill register` and `distill audit`: checkpoints and model
+folders put to use (and put to the test: how stealable they are, publish/audit.py)."""
 
 from __future__ import annotations
 
@@ -120,6 +120,15 @@ def cmd_register(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from publish.audit import run_audit
+
+    report = run_audit(args, lambda: _store(args)[0])
+    print(report.read_text())
+    print(f"report: {report} (report.json, extract.png beside it)")
+    return 0
+
+
 def _store_args(parser) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--run-dir", help="use the embedded store of this run directory")
@@ -152,7 +161,9 @@ def evaluate_parser(subparsers) -> None:
 
 
 def add_parser(subparsers) -> None:
-    """Add `distill export`, `distill predict`, `distill eval` and `distill register` to the CLI."""
+    """Add `distill export`, `distill predict`, `distill eval`, `distill register` and `distill audit` to the CLI."""
+    from publish.audit import add_arguments
+
     p = subparsers.add_parser("export", help="turn a training checkpoint into a model folder and MLflow Model")
     p.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="the stage directory holding the checkpoints")
     p.add_argument("--checkpoint", metavar="step-N", help="which checkpoint (complete ones only)")
@@ -180,3 +191,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--description", default="", help="description stored with the version")
     _store_args(p)
     p.set_defaults(func=cmd_register)
+
+    p = subparsers.add_parser("audit", help="how stealable a promoted model is: extraction, detector, watermark")
+    add_arguments(p)
+    _store_args(p)
+    p.set_defaults(func=cmd_audit)

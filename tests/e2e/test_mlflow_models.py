@@ -5,7 +5,6 @@ exported, registered, promoted through a gate and queried with `distill predict`
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -19,6 +18,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
+from formats.serving import stop_group
 from pipeline.cli import main as distill
 from pipeline.manifest import Manifest
 from pipeline.tracking.lineage import read_run_id
@@ -181,24 +181,7 @@ def _serve_and_query(uri, port, log, tmp_path, expected) -> None:
         assert answer.status_code == 200, answer.text
         assert [p["label"] for p in answer.json()["predictions"]] == expected
     finally:
-        _stop_group(server)
-
-
-def _stop_group(server: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (mlflow and the uvicorn it started), SIGKILL what is left after 15 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        server.poll()
-        try:
-            os.killpg(server.pid, 0)  # raises once no process of the group is left
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
+        stop_group(server)
 
 
 def test_register_killed_after_its_version_reruns_to_one_version(run, store):
