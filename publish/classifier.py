@@ -40,6 +40,8 @@ class Classifier:
     tokenizer: Any
     max_length: int = 128
     batch_size: int = 64
+    cost_follows_input: bool = False
+    """Whether a forward's cost depends on what the text says (early exit): then latency is timed on data rows."""
 
     def predict(self, texts: list[str] | list[tuple[str, ...]]) -> np.ndarray:
         """Class probabilities [N, C] (softmax of the logits), or the raw output [N, 1] of a regression model;
@@ -64,13 +66,21 @@ class Classifier:
             raise ConfigError(f"{self.name}: --speed needs an early-exit model (a fastbert stage directory with its "
                               f"branches.json); {self.folder} has no branches")
 
-    def latency(self, *, batch_size: int, seq_len: int, repeats: int) -> dict:
-        """CPU latency of one forward at this shape (`kd.latency.compare` on `model`: random ids, median)."""
+    def latency(self, *, batch_size: int, seq_len: int, repeats: int, texts: list | None = None) -> dict:
+        """CPU latency of one forward of `model` (`kd.latency.compare`, median of `repeats`): on random ids of
+        `batch_size` x `seq_len`, or on the first `batch_size` of `texts` cut to at most `seq_len` tokens."""
+        from formats.taskdata import encode, pad_batch
         from kd.latency import compare
 
+        batch = None
+        if texts:
+            ids, types = encode(self.tokenizer, [(t,) if isinstance(t, str) else tuple(t) for t in texts[:batch_size]],
+                                seq_len)
+            batch = pad_batch(ids, types, self.tokenizer.pad_token_id)
         measured = compare({"model": self.model}, vocab_size=self.tokenizer.vocab_size, batch_size=batch_size,
-                           seq_len=seq_len, repeats=repeats)["model"]
-        return {**measured, "device": "cpu", "batch_size": batch_size, "seq_len": seq_len}
+                           seq_len=seq_len, repeats=repeats, batch=batch)["model"]
+        return {**measured, "device": "cpu", "batch_size": batch_size if batch is None else len(batch["input_ids"]),
+                "seq_len": seq_len, "input": "random ids" if batch is None else "data rows"}
 
     def parameters(self) -> int:
         """Parameters of the model (embeddings included)."""

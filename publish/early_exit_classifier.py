@@ -82,10 +82,10 @@ class EarlyExitClassifier(Classifier):
         """Class probabilities [N, C] at `speed`."""
         return self.predict_exits(texts)[0]
 
-    def latency(self, *, batch_size: int, seq_len: int, repeats: int) -> dict:
-        """The early exit's CPU latency at `speed` on the plain model's timed input, with the average layer the
-        timed (random-id) rows exited at: random ids may exit earlier or later than text does."""
-        measured = super().latency(batch_size=batch_size, seq_len=seq_len, repeats=repeats)
+    def latency(self, *, batch_size: int, seq_len: int, repeats: int, texts: list | None = None) -> dict:
+        """The early exit's CPU latency at `speed` (see Classifier.latency), with the average layer the timed
+        rows exited at (random ids rarely exit where text would: give `texts`)."""
+        measured = super().latency(batch_size=batch_size, seq_len=seq_len, repeats=repeats, texts=texts)
         return {**measured, "avg_exit_layer": float(self.model.exit_layers.float().mean())}
 
     def predict_report(self, texts: list[str] | list[tuple[str, ...]]) -> tuple[np.ndarray, dict]:
@@ -102,6 +102,10 @@ class EarlyExitClassifier(Classifier):
 def load(name: str, folder: Path) -> EarlyExitClassifier:
     """The early-exit Classifier saved in `folder` (a fastbert stage directory or its model folder), at the
     stage's default speed threshold; its input length is the one it was trained at."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a command's output is its table or its one-line error, not load bars
     model = saved.load(folder)
     return EarlyExitClassifier(name, Path(folder), model.labels, EarlyExitForward(model, model.default_speed),
-                               model.tokenizer, model.max_length, exits=model, speed=model.default_speed)
+                               model.tokenizer, model.max_length, cost_follows_input=True, exits=model,
+                               speed=model.default_speed)

@@ -41,8 +41,9 @@ def task_data(args) -> TaskData:
         raise ConfigError(f"distill eval: {err}") from None
 
 
-def score(model: Classifier, data: TaskData, *, latency: dict) -> dict:
-    """One model's result on `data`: metrics, per-class scores, confusion matrix, size and CPU latency."""
+def score(model: Classifier, data: TaskData, *, latency: dict, on_data: bool = False) -> dict:
+    """One model's result on `data`: metrics, per-class scores, confusion matrix, size and CPU latency (on
+    `data`'s first rows when `on_data`, else on random ids)."""
     spec, rows = read_rows(data, "dev")
     rows = rows[:data.limit_dev] if data.limit_dev else rows
     regression = data.preset.regression
@@ -61,7 +62,8 @@ def score(model: Classifier, data: TaskData, *, latency: dict) -> dict:
         result["per_class"] = per_class(preds, examples.labels, model.labels)
         result["metrics"]["macro_f1"] = macro_f1(result["per_class"])
         result["confusion_matrix"] = confusion_matrix(preds, examples.labels, range(len(model.labels))).tolist()
-    result["latency"] = model.latency(**latency)
+    # an early exit's cost follows the text: then both models are timed on DATA's first rows, not random ids
+    result["latency"] = model.latency(**latency, texts=examples.texts if on_data else None)
     return result
 
 
@@ -70,9 +72,10 @@ def evaluate(model: Classifier, data: TaskData, teacher: Classifier | None = Non
     if teacher is not None and teacher.labels != model.labels:
         raise ConfigError(f"--teacher {teacher.name}: its labels {teacher.labels[:5]} differ from "
                           f"{model.name}'s {model.labels[:5]}; give a teacher of the same task")
-    out = {"data": data.dev, "task": data.task, "student": score(model, data, latency=latency)}
+    on_data = model.cost_follows_input or bool(teacher and teacher.cost_follows_input)
+    out = {"data": data.dev, "task": data.task, "student": score(model, data, latency=latency, on_data=on_data)}
     if teacher is not None:
-        out["teacher"] = score(teacher, data, latency=latency)
+        out["teacher"] = score(teacher, data, latency=latency, on_data=on_data)
         t, s = out["teacher"], out["student"]
         out["retention"] = s["metrics"]["score"] / t["metrics"]["score"] if t["metrics"]["score"] else 0.0
         out["speedup"] = t["latency"]["latency_ms"] / s["latency"]["latency_ms"]
@@ -93,7 +96,9 @@ def table(result: dict) -> str:
     if any("early_exit" in result[w] for w in who):
         rows.append(("avg exit layer", *(_exits(result[w].get("early_exit")) for w in who)))
     lat = first["latency"]
-    rows.append((f"CPU latency (batch {lat['batch_size']} x {lat['seq_len']})",
+    shape = (f"{lat['batch_size']} data rows, <= {lat['seq_len']} tokens" if lat.get("input") == "data rows"
+             else f"batch {lat['batch_size']} x {lat['seq_len']}")
+    rows.append((f"CPU latency ({shape})",
                  *(_latency(result[w]["latency"]) for w in who)))
     if "teacher" in result:
         rows.append(("retention", f"{result['retention']:.1%} of teacher", ""))

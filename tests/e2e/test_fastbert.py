@@ -162,13 +162,15 @@ def test_distill_eval_with_a_speed(fastbert_run, tmp_path, capsys):
     assert student["metrics"] == teacher["metrics"] and student["confusion_matrix"] == teacher["confusion_matrix"]
     assert "early_exit" not in teacher and student["params"] > teacher["params"]  # the branches count too
     assert student["latency"]["avg_exit_layer"] == 3 and "avg_exit_layer" not in teacher["latency"]
+    # an early exit's cost follows the text: both are timed on DATA's first rows, not random ids
+    assert student["latency"]["input"] == teacher["latency"]["input"] == "data rows"
     assert re.search(r"avg exit layer +3\.00 of 3 \(S = 0\) +all layers", out), out
     # a high S exits earlier; without --speed the stage's saved default is used (its model/ folder loads too)
     status, out, err = _eval(capsys, stage, data, "--speed", "1.0", "--out", str(tmp_path / "s1"))
     assert status == 0, err[-2000:]
     fast = json.loads((tmp_path / "s1" / "eval.json").read_text())["student"]["early_exit"]
     assert fast["avg_exit_layer"] == 1 < student["early_exit"]["avg_exit_layer"] and fast["exit_share"][0] == 1
-    assert re.search(r"CPU latency .* ms \(exit at 1\.00\)", out), out  # the timed forward is the early exit
+    assert re.search(r"CPU latency \(2 data rows, <= 8 tokens\) +[\d.]+ ms \(exit at 1\.00\)", out), out
     status, out, err = _eval(capsys, stage + "/model", data, "--out", str(tmp_path / "default"))
     chosen = json.loads((run_dir / "fastbert" / early_exit.SPEC).read_text())["default_speed"]
     assert status == 0, err[-2000:]
