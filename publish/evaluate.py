@@ -6,8 +6,9 @@ file read as `formats.taskdata` reads the `data` section (`--task`, `--text-colu
 `--metric`); its labels must be the model's label names. The result: the metrics (with `score`, per-class
 precision / recall / F1, macro F1), the confusion matrix, size and CPU latency (`kd.latency`), and with a
 teacher its scores, `retention` (student score / teacher score) and `speedup`. An early-exit model (a fastbert
-stage) predicts and is timed through its early exit at `--speed S` (default: its saved one) and adds
-`early_exit` (speed, avg_exit_layer, exit_share, ...). Printed as a short table;
+stage) predicts and is timed through its early exit at `--speed S` (default: its saved one), both models then
+timed on DATA's first rows (an early exit's cost follows the text), and adds `early_exit` (speed,
+avg_exit_layer, exit_share, ...). Printed as a short table;
 with `--out DIR` written as `eval.json` and `confusion_matrix.png` (`teacher_confusion_matrix.png` too).
 """
 

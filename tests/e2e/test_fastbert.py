@@ -175,8 +175,9 @@ def test_distill_eval_with_a_speed(fastbert_run, tmp_path, capsys):
     chosen = json.loads((run_dir / "fastbert" / early_exit.SPEC).read_text())["default_speed"]
     assert status == 0, err[-2000:]
     assert json.loads((tmp_path / "default" / "eval.json").read_text())["student"]["early_exit"]["speed"] == chosen
-    # --speed on a model without branches, or on a registry URI: one line, exit 2
-    for model, message in ((str(run_dir / "teacher_finetune"), "needs an early-exit model"),
-                           ("models:/tiny@champion", "not a registry URI")):
-        status, _, err = _eval(capsys, model, data, "--speed", "0.5")
+    # --speed on a model without branches, on a registry URI, or outside [0, 1]: one line, exit 2
+    for model, speed, message in ((str(run_dir / "teacher_finetune"), "0.5", "needs an early-exit model"),
+                                  ("models:/tiny@champion", "0.5", "not a registry URI"),
+                                  (stage, "1.5", "a speed threshold is in [0, 1]")):
+        status, _, err = _eval(capsys, model, data, "--speed", speed)
         assert status == 2 and message in err and "\n" not in err.strip() and "Traceback" not in err, err
