@@ -22,12 +22,17 @@ def _timed(model, batch: dict, device) -> float:
 
 @torch.no_grad()
 def compare(models: dict, *, vocab_size: int, batch_size: int = 32, seq_len: int = 64, repeats: int = 10,
-            warmup: int = 2, device: str = "cpu", seed: int = 0) -> dict[str, dict[str, float]]:
-    """{name: {latency_ms, throughput_per_s}} for each model, measured side by side on one input."""
+            warmup: int = 2, device: str = "cpu", seed: int = 0,
+            batch: dict | None = None) -> dict[str, dict[str, float]]:
+    """{name: {latency_ms, throughput_per_s}} for each model, measured side by side on one input: `batch`
+    (model keyword arguments, e.g. encoded text) or random ids of `batch_size` x `seq_len`, every token real."""
     device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, vocab_size, (batch_size, seq_len), generator=gen)
-    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    if batch is None:
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1000, vocab_size, (batch_size, seq_len), generator=gen)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch_size = len(batch["input_ids"])
     times = {name: [] for name in models}
     for name, model in models.items():
         model.eval().to(device)

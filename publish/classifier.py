@@ -4,8 +4,9 @@
 `given` is a model folder, a stage or export directory (its manifest's `extra.model_dir`), `@stage` (with a
 run directory), `runs:/ID[/path]` or `models:/NAME@ALIAS` / `models:/NAME/VERSION` (downloaded from the MLflow
 store first). `locate` turns any of these into a local folder; the first entry of `LOADERS` whose `claims`
-accepts the folder builds the Classifier. A new kind of model folder (e.g. an early-exit model) adds its own
-`Loader` at the front of `LOADERS`; nothing else changes.
+accepts the folder builds the Classifier. A new kind of model folder adds its own `Loader` at the front of
+`LOADERS`, as the early-exit kind (publish/early_exit_classifier.py: a fastbert stage, `with_speed(S)`) does;
+nothing else changes.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ class Classifier:
     labels: list[str]
     """Class names in output order (empty for a regression model: one real-valued output)."""
     model: Any
-    """The torch module (what latency is measured on)."""
+    """The torch module (what `latency` times; an early-exit model's is its early exit at its speed)."""
     tokenizer: Any
     max_length: int = 128
     batch_size: int = 64
+    cost_follows_input: bool = False
+    """Whether a forward's cost depends on what the text says (early exit): then latency is timed on data rows."""
 
     def predict(self, texts: list[str] | list[tuple[str, ...]]) -> np.ndarray:
         """Class probabilities [N, C] (softmax of the logits), or the raw output [N, 1] of a regression model;
@@ -51,6 +54,33 @@ class Classifier:
         ids, types = encode(self.tokenizer, texts, self.max_length)
         logits = predict(self.model, ids, types, self.tokenizer.pad_token_id, self.batch_size)
         return logits if not self.labels else torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+
+    def predict_report(self, texts: list[str] | list[tuple[str, ...]]) -> tuple[np.ndarray, dict]:
+        """`predict(texts)` and what else the kind of model says about how it got them, as result fields
+        (nothing for a plain classifier; an early-exit model: the layers its rows exited at)."""
+        return self.predict(texts), {}
+
+    def with_speed(self, speed: float | None) -> None:
+        """Predict at early-exit speed threshold `speed`: only an early-exit model can (None: nothing to do)."""
+        if speed is not None:
+            raise ConfigError(f"{self.name}: --speed needs an early-exit model (a fastbert stage directory with its "
+                              f"branches.json); {self.folder} has no branches")
+
+    def latency(self, *, batch_size: int, seq_len: int, repeats: int, texts: list | None = None) -> dict:
+        """CPU latency of one forward of `model` (`kd.latency.compare`, median of `repeats`): on random ids of
+        `batch_size` x `seq_len`, or on the first `batch_size` of `texts` cut to at most `seq_len` tokens."""
+        from formats.taskdata import encode, pad_batch
+        from kd.latency import compare
+
+        batch = None
+        if texts:
+            ids, types = encode(self.tokenizer, [(t,) if isinstance(t, str) else tuple(t) for t in texts[:batch_size]],
+                                seq_len)
+            batch = pad_batch(ids, types, self.tokenizer.pad_token_id)
+        measured = compare({"model": self.model}, vocab_size=self.tokenizer.vocab_size, batch_size=batch_size,
+                           seq_len=seq_len, repeats=repeats, batch=batch)["model"]
+        return {**measured, "device": "cpu", "batch_size": batch_size if batch is None else len(batch["input_ids"]),
+                "seq_len": seq_len, "input": "random ids" if batch is None else "data rows"}
 
     def parameters(self) -> int:
         """Parameters of the model (embeddings included)."""
@@ -88,7 +118,20 @@ def _load_hf(name: str, folder: Path) -> Classifier:
     return Classifier(name, folder, labels, model, AutoTokenizer.from_pretrained(str(folder)))
 
 
-LOADERS: list[Loader] = [Loader("hf-sequence-classifier", _is_hf_classifier, _load_hf)]
+def _is_early_exit(folder: Path) -> bool:
+    from publish import early_exit_classifier
+
+    return early_exit_classifier.claims(folder)
+
+
+def _load_early_exit(name: str, folder: Path) -> Classifier:
+    from publish import early_exit_classifier  # imports this module: loaded only when needed
+
+    return early_exit_classifier.load(name, folder)
+
+
+LOADERS: list[Loader] = [Loader("fastbert-early-exit", _is_early_exit, _load_early_exit),
+                         Loader("hf-sequence-classifier", _is_hf_classifier, _load_hf)]
 """Kinds of model folder, tried in order; the first that claims a folder loads it."""
 
 

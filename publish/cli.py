@@ -40,11 +40,9 @@ def cmd_export(args) -> int:
 
 def cmd_predict(args) -> int:
     from publish import predict
+    from publish.early_exit_classifier import check_speed
 
-    if args.speed is not None and args.model.startswith(("runs:/", "models:/")):
-        raise ConfigError(f"{args.model}: --speed needs a fastbert stage directory (its branches.json), not a "
-                          "registry URI")
-    if args.speed is not None:
+    if check_speed(args.speed, args.model) is not None:
         model = None
     elif args.model.startswith(("runs:/", "models:/")):
         from publish.classifier import mlflow_uris
@@ -155,6 +153,9 @@ def evaluate_parser(subparsers) -> None:
     p.add_argument("--latency-batch-size", type=int, default=32, help="batch size of the latency measurement")
     p.add_argument("--latency-seq-len", type=int, default=64, help="sequence length of the latency measurement")
     p.add_argument("--latency-repeats", type=int, default=10, help="timed repeats (median reported)")
+    p.add_argument("--speed", type=float, metavar="S",
+                   help="FastBERT early exit at speed threshold S in [0, 1] (a fastbert stage directory; default: "
+                        "its saved speed; 0: full model)")
     p.add_argument("--out", metavar="DIR", help="write eval.json and the confusion-matrix PNG(s) here")
     _store_args(p)
     p.set_defaults(func=cmd_eval)

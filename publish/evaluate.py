@@ -5,7 +5,10 @@ directory, `@stage` with `--run-dir`, `runs:/...` or `models:/NAME@ALIAS`. DATA 
 file read as `formats.taskdata` reads the `data` section (`--task`, `--text-column`, `--label-column`,
 `--metric`); its labels must be the model's label names. The result: the metrics (with `score`, per-class
 precision / recall / F1, macro F1), the confusion matrix, size and CPU latency (`kd.latency`), and with a
-teacher its scores, `retention` (student score / teacher score) and `speedup`. Printed as a short table;
+teacher its scores, `retention` (student score / teacher score) and `speedup`. An early-exit model (a fastbert
+stage) predicts and is timed through its early exit at `--speed S` (default: its saved one), both models then
+timed on DATA's first rows (an early exit's cost follows the text), and adds `early_exit` (speed,
+avg_exit_layer, exit_share, ...). Printed as a short table;
 with `--out DIR` written as `eval.json` and `confusion_matrix.png` (`teacher_confusion_matrix.png` too).
 """
 
@@ -17,11 +20,11 @@ from pathlib import Path
 from typing import Callable
 
 from formats.taskdata import TaskData, predictions, read_rows, to_examples
-from kd.latency import compare
 from kd.metrics import compute, confusion_matrix, macro_f1, per_class
 from pipeline.config import ConfigError
 from pipeline.manifest import atomic_write_text
 from publish.classifier import Classifier, load
+from publish.early_exit_classifier import check_speed
 
 EVAL_JSON = "eval.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -39,8 +42,9 @@ def task_data(args) -> TaskData:
         raise ConfigError(f"distill eval: {err}") from None
 
 
-def score(model: Classifier, data: TaskData, *, latency: dict) -> dict:
-    """One model's result on `data`: metrics, per-class scores, confusion matrix, size and CPU latency."""
+def score(model: Classifier, data: TaskData, *, latency: dict, on_data: bool = False) -> dict:
+    """One model's result on `data`: metrics, per-class scores, confusion matrix, size and CPU latency (on
+    `data`'s first rows when `on_data`, else on random ids)."""
     spec, rows = read_rows(data, "dev")
     rows = rows[:data.limit_dev] if data.limit_dev else rows
     regression = data.preset.regression
@@ -50,16 +54,17 @@ def score(model: Classifier, data: TaskData, *, latency: dict) -> dict:
                           f"{'a classifier' if model.labels else 'a regression model'}")
     examples = to_examples(data, spec, rows, None if regression else model.labels, known_as=f"{model.name}'s labels")
     model.max_length = data.max_length
-    preds = predictions(model.predict(examples.texts), regression)
+    probs, how = model.predict_report(examples.texts)
+    preds = predictions(probs, regression)
     result = {"model": model.name, "examples": len(examples),
               "metrics": compute(list(data.preset.metrics), preds, examples.labels), "params": model.parameters(),
-              "labels": list(model.labels)}
+              "labels": list(model.labels), **how}
     if not regression:
         result["per_class"] = per_class(preds, examples.labels, model.labels)
         result["metrics"]["macro_f1"] = macro_f1(result["per_class"])
         result["confusion_matrix"] = confusion_matrix(preds, examples.labels, range(len(model.labels))).tolist()
-    speed = compare({"model": model.model}, vocab_size=model.tokenizer.vocab_size, **latency)["model"]
-    result["latency"] = {**speed, "device": "cpu", "batch_size": latency["batch_size"], "seq_len": latency["seq_len"]}
+    # an early exit's cost follows the text: then both models are timed on DATA's first rows, not random ids
+    result["latency"] = model.latency(**latency, texts=examples.texts if on_data else None)
     return result
 
 
@@ -68,9 +73,10 @@ def evaluate(model: Classifier, data: TaskData, teacher: Classifier | None = Non
     if teacher is not None and teacher.labels != model.labels:
         raise ConfigError(f"--teacher {teacher.name}: its labels {teacher.labels[:5]} differ from "
                           f"{model.name}'s {model.labels[:5]}; give a teacher of the same task")
-    out = {"data": data.dev, "task": data.task, "student": score(model, data, latency=latency)}
+    on_data = model.cost_follows_input or bool(teacher and teacher.cost_follows_input)
+    out = {"data": data.dev, "task": data.task, "student": score(model, data, latency=latency, on_data=on_data)}
     if teacher is not None:
-        out["teacher"] = score(teacher, data, latency=latency)
+        out["teacher"] = score(teacher, data, latency=latency, on_data=on_data)
         t, s = out["teacher"], out["student"]
         out["retention"] = s["metrics"]["score"] / t["metrics"]["score"] if t["metrics"]["score"] else 0.0
         out["speedup"] = t["latency"]["latency_ms"] / s["latency"]["latency_ms"]
@@ -88,14 +94,29 @@ def table(result: dict) -> str:
         rows.append(("classes predicted", *(f"{sum(1 for c in result[w]['per_class'] if c['predicted'])} of "
                                             f"{len(result[w]['per_class'])}" for w in who)))
     rows.append(("parameters", *(f"{result[w]['params'] / 1e6:.2f} M" for w in who)))
+    if any("early_exit" in result[w] for w in who):
+        rows.append(("avg exit layer", *(_exits(result[w].get("early_exit")) for w in who)))
     lat = first["latency"]
-    rows.append((f"CPU latency (batch {lat['batch_size']} x {lat['seq_len']})",
-                 *(f"{result[w]['latency']['latency_ms']:.1f} ms" for w in who)))
+    shape = (f"{lat['batch_size']} data rows, <= {lat['seq_len']} tokens" if lat.get("input") == "data rows"
+             else f"batch {lat['batch_size']} x {lat['seq_len']}")
+    rows.append((f"CPU latency ({shape})",
+                 *(_latency(result[w]["latency"]) for w in who)))
     if "teacher" in result:
         rows.append(("retention", f"{result['retention']:.1%} of teacher", ""))
         rows.append(("speed-up", f"{result['speedup']:.2f}x", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _exits(early: dict | None) -> str:
+    if early is None:
+        return "all layers"
+    return f"{early['avg_exit_layer']:.2f} of {early['layers']} (S = {early['speed']:g})"
+
+
+def _latency(lat: dict) -> str:
+    exits = f" (exit at {lat['avg_exit_layer']:.2f})" if "avg_exit_layer" in lat else ""
+    return f"{lat['latency_ms']:.1f} ms{exits}"
 
 
 def write(result: dict, out: Path) -> list[Path]:
@@ -114,6 +135,7 @@ def write(result: dict, out: Path) -> list[Path]:
 
 def main(args, store_uri: Callable[[], str]) -> int:
     """Run `distill eval` from parsed flags; `store_uri()` gives the MLflow store (asked only for MLflow URIs)."""
+    check_speed(args.speed, args.model)  # before anything is downloaded or loaded
     data = task_data(args)
     if not Path(args.data).is_file() and not args.data.startswith("hf:"):
         raise ConfigError(f"{args.data}: labelled data file not found")
@@ -127,6 +149,7 @@ def main(args, store_uri: Callable[[], str]) -> int:
             return model
 
         model = get(args.model, "model")
+        model.with_speed(args.speed)
         teacher = get(args.teacher, "teacher") if args.teacher else None
         result = evaluate(model, data, teacher, latency=latency)
     print(table(result))

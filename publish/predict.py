@@ -57,23 +57,17 @@ def rows(model, lines: Iterable[str]) -> Iterator[dict]:
             yield {"text": text, **(record if isinstance(record, dict) else {"output": record})}
 
 
-def early_exit_rows(folder: str, lines: Iterable[str], speed: float | None) -> Iterator[dict]:
+def early_exit_rows(given: str, lines: Iterable[str], speed: float | None) -> Iterator[dict]:
     """Like `rows`, through a fastbert stage's early-exit model at speed threshold `speed` (None: its default,
     chosen on dev): the text, label, score (softmax probability of the label) and the layer it exited at."""
-    import torch
+    from publish import classifier
 
-    from formats import early_exit
-    from formats.taskdata import encode
-
-    if speed is not None and not 0 <= speed <= 1:
-        raise ConfigError(f"--speed {speed}: a speed threshold is in [0, 1] (0: the full model)")
-    model = early_exit.load(Path(folder))
+    model = classifier.load(given)
+    model.with_speed(speed)  # refuses (one line) a folder that is not early-exit
     texts = [line.rstrip("\n") for line in lines if line.strip()]
     for start in range(0, len(texts), BATCH):
         chunk = texts[start:start + BATCH]
-        ids, types = encode(model.tokenizer, [(t,) for t in chunk], model.max_length)
-        logits, layers = model.predict(ids, types, speed, BATCH)
-        probs = torch.from_numpy(logits).softmax(-1)
+        probs, layers = model.predict_exits(chunk)
         for text, p, layer in zip(chunk, probs, layers):
             best = int(p.argmax())
             yield {"text": text, "label": model.labels[best], "score": float(p[best]), "exit_layer": int(layer)}

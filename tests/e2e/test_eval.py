@@ -97,6 +97,7 @@ def test_eval_of_a_registered_model_with_a_teacher(world, tmp_path, capsys):
     assert result["teacher"]["metrics"]["accuracy"] == pytest.approx(t_accuracy)
     assert result["retention"] == pytest.approx(accuracy / t_accuracy if t_accuracy else 0.0)
     assert result["speedup"] > 0 and student["latency"]["latency_ms"] > 0 and student["params"] > 0
+    assert student["latency"]["input"] == "random ids"  # a plain model's cost does not follow the text
     assert (out / "confusion_matrix.png").stat().st_size > 1000 and (out / "teacher_confusion_matrix.png").is_file()
 
 

@@ -5,6 +5,7 @@ one trainer, exact resume after a preemption mid-training, the saved early-exit 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -136,3 +137,47 @@ def test_distill_predict_with_a_speed(fastbert_run, tmp_path, capsys):
     assert status == 0 and [r["label"] for r in exact] == [r["label"] for r in served], err[-2000:]
     status, _, err = _predict(capsys, str(run_dir / "teacher_finetune"), str(lines), "--speed", "0.2")
     assert status == 2 and "branches.json" in err and "Traceback" not in err
+
+
+def _eval(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    status = main(["eval", *args, "--limit", "32", "--max-length", "24", "--latency-repeats", "1",
+                   "--latency-batch-size", "2", "--latency-seq-len", "8"])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_distill_eval_with_a_speed(fastbert_run, tmp_path, capsys):
+    from tests.conftest import SHARED_DATA
+
+    _, run_dir = fastbert_run
+    data, stage = str(SHARED_DATA / "sst2" / "dev.tsv"), str(run_dir / "fastbert")
+    # S = 0 is the full model: the same accuracy as the fine-tuned teacher's plain folder, scored beside it
+    status, out, err = _eval(capsys, stage, data, "--speed", "0", "--teacher", "@teacher_finetune",
+                             "--run-dir", str(run_dir), "--out", str(tmp_path / "s0"))
+    assert status == 0, err[-2000:]
+    result = json.loads((tmp_path / "s0" / "eval.json").read_text())
+    student, teacher = result["student"], result["teacher"]
+    assert student["early_exit"]["speed"] == 0 and student["early_exit"]["avg_exit_layer"] == 3
+    assert student["metrics"] == teacher["metrics"] and student["confusion_matrix"] == teacher["confusion_matrix"]
+    assert "early_exit" not in teacher and student["params"] > teacher["params"]  # the branches count too
+    assert student["latency"]["avg_exit_layer"] == 3 and "avg_exit_layer" not in teacher["latency"]
+    # an early exit's cost follows the text: both are timed on DATA's first rows, not random ids
+    assert student["latency"]["input"] == teacher["latency"]["input"] == "data rows"
+    assert re.search(r"avg exit layer +3\.00 of 3 \(S = 0\) +all layers", out), out
+    # a high S exits earlier; without --speed the stage's saved default is used (its model/ folder loads too)
+    status, out, err = _eval(capsys, stage, data, "--speed", "1.0", "--out", str(tmp_path / "s1"))
+    assert status == 0, err[-2000:]
+    fast = json.loads((tmp_path / "s1" / "eval.json").read_text())["student"]["early_exit"]
+    assert fast["avg_exit_layer"] == 1 < student["early_exit"]["avg_exit_layer"] and fast["exit_share"][0] == 1
+    assert re.search(r"CPU latency \(2 data rows, <= 8 tokens\) +[\d.]+ ms \(exit at 1\.00\)", out), out
+    status, out, err = _eval(capsys, stage + "/model", data, "--out", str(tmp_path / "default"))
+    chosen = json.loads((run_dir / "fastbert" / early_exit.SPEC).read_text())["default_speed"]
+    assert status == 0, err[-2000:]
+    assert json.loads((tmp_path / "default" / "eval.json").read_text())["student"]["early_exit"]["speed"] == chosen
+    # --speed on a model without branches, on a registry URI, or outside [0, 1]: one line, exit 2
+    for model, speed, message in ((str(run_dir / "teacher_finetune"), "0.5", "needs an early-exit model"),
+                                  ("models:/tiny@champion", "0.5", "not a registry URI"),
+                                  (stage, "1.5", "a speed threshold is in [0, 1]")):
+        status, _, err = _eval(capsys, model, data, "--speed", speed)
+        assert status == 2 and message in err and "\n" not in err.strip() and "Traceback" not in err, err
