@@ -8,9 +8,9 @@
    cross-entropy of the logits plus MSE of the embeddings and every layer's hidden state.
 4. Depth-adaptive training over `widths` x `depths`, distilled from the width-adaptive model at the same
    width and full depth; depth d keeps layers floor(i / d), i < round(d L) (the paper's pattern).
-5. The grid: dev and test (the task's held-out test split, `formats.testsplit`) scores, parameters and CPU latency of every
-   (width, depth), report.json / report.md / grid.png (logged to MLflow), and the smallest sub-network
-   within `tolerance` of the full model. `model/` is the adaptive model (a plain BERT: its full network);
+5. The grid: dev and test (the task's held-out test split, `formats.testsplit`) scores, parameters and CPU
+   latency of every (width, depth), report.json / report.md / grid.png (logged to MLflow), and the smallest
+   sub-network within `tolerance` of the full model. `model/` is the adaptive model (a plain BERT: its full network);
    `distill export --width W --depth D` cuts any sub-network into a plain Hugging Face folder.
 """
 
@@ -104,7 +104,8 @@ def run(config: Config, ctx):
     report = grid.evaluate(config, student.float().cpu(), teacher.float().cpu(), dev_enc, test_enc, preset,
                            tokenizer.pad_token_id, tokenizer.vocab_size)
     report.update(task=config.data.task, widths=config.widths, depths=config.depths, train_examples=len(ids),
-                  test_examples=len(splits.test), test_split=describe(splits.test_split), importance=importance, **counts)
+                  test_examples=len(splits.test), test_split=describe(splits.test_split), importance=importance,
+                  **counts)
     best = report["smallest_within"]
     log.info(f"dynabert: full test {best['full_test_score']:.4f}; smallest within {config.tolerance:g}: "
              f"w{best['width']:g} d{best['depth']:g} ({100 * best['params_share']:.1f}% params, "

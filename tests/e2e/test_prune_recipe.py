@@ -48,8 +48,9 @@ def test_reduced_prune_recipe_runs_and_registers(wordnet, tmp_path):  # noqa: F8
     assert registered["name"] == "demo-pruned" and registered["version"] == "1"
     # prune_50 with the test split carved from train instead: teacher_finetune trained on those rows.
     carved = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(RECIPE), "--run-dir", str(run_dir),
-                             "--stages", "prune_50", *reduced(tmp_path / "teacher"), "--set", "stages.prune_50.data.test="],
+                             "--stages", "prune_50", *reduced(tmp_path / "teacher"),
+                             "--set", "stages.prune_50.data.test="],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                             timeout=600)
     assert carved.returncode == 2 and "held out a different test split" in carved.stderr, carved.stderr[-3000:]
-    assert "Traceback" not in carved.stderr and len(carved.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in carved.stderr
