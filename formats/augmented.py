@@ -51,15 +51,6 @@ def read_examples(stage_dir: Path, manifest) -> tuple[list[tuple[str, ...]], np.
     return texts, np.concatenate(labels)
 
 
-def read_source_ids(stage_dir: Path, manifest) -> np.ndarray:
-    """For every augmented example (in `read_examples` order), the training-row index it was made from."""
-    ids = []
-    for c in range(manifest.extra["chunks"]):
-        path = Path(stage_dir) / part_name(c)
-        ids += [json.loads(line)["id"] for line in path.read_text().splitlines() if line]
-    return np.array(ids, dtype=np.int64)
-
-
 def write_logits(stage_dir: Path, chunk: int, tensors: dict[str, torch.Tensor]) -> None:
     """Write one chunk's teacher outputs atomically."""
     from safetensors.torch import save_file

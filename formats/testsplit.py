@@ -4,9 +4,9 @@ Dev is for early stopping and model selection; the test split is what nothing se
 the ones to publish. Without `data.test`, `round(test_fraction * N)` of the train file's N rows are set
 aside: the first of a permutation of 0..N-1 drawn from the run seed (numpy's PCG64), taken in file order.
 The carve is over the whole file, before `limit_train`, so every stage that reads the same train file with
-the same seed (teacher_finetune, augment, task) removes the same rows, whatever its limits. Its provenance
-(`test_split`: source, size, sha256 of the carved rows) goes into each stage's manifest, and a stage reading
-another's output refuses one that carved a different split.
+the same seed (teacher_finetune, augment, task, fastbert, dynabert, prune) removes the same rows, whatever its
+limits. Its provenance (`test_split`: source, size, sha256 of the carved rows) goes into each stage's
+manifest, and a stage reading another's output refuses one that carved a different split (`check_inputs`).
 """
 
 from __future__ import annotations
@@ -98,6 +98,13 @@ def check_same_split(mine: dict[str, Any], other: dict[str, Any] | None, where: 
         raise ConfigError(f"{where}: it held out a different test split ({other.get('source')}, {other.get('size')} "
                           f"rows) than this stage ({mine.get('source')}, {mine.get('size')} rows); give both stages "
                           "the same data.train, data.test, data.test_fraction and run seed")
+
+
+def check_inputs(ctx, mine: dict[str, Any], *fields: str) -> None:
+    """`check_same_split` for each upstream input among `fields` (e.g. "teacher", "augmented") this run has."""
+    for name in fields:
+        if name in ctx.inputs:
+            check_same_split(mine, ctx.input_manifest(name).extra.get("test_split"), f"{name} {ctx.input_dir(name)}")
 
 
 def describe(info: dict[str, Any]) -> str:

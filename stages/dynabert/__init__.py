@@ -8,9 +8,9 @@
    cross-entropy of the logits plus MSE of the embeddings and every layer's hidden state.
 4. Depth-adaptive training over `widths` x `depths`, distilled from the width-adaptive model at the same
    width and full depth; depth d keeps layers floor(i / d), i < round(d L) (the paper's pattern).
-5. The grid: dev and test (a seeded `test_fraction` of train) scores, parameters and CPU latency of every
-   (width, depth), report.json / report.md / grid.png (logged to MLflow), and the smallest sub-network
-   within `tolerance` of the full model. `model/` is the adaptive model (a plain BERT: its full network);
+5. The grid: dev and test (the task's held-out test split, `formats.testsplit`) scores, parameters and CPU
+   latency of every (width, depth), report.json / report.md / grid.png (logged to MLflow), and the smallest
+   sub-network within `tolerance` of the full model. `model/` is the adaptive model (a plain BERT: its full network);
    `distill export --width W --depth D` cuts any sub-network into a plain Hugging Face folder.
 """
 
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 
 from formats import augmented, models
-from formats.taskdata import Examples, encode, load_task, with_source
+from formats.taskdata import Examples, encode, with_source
+from formats.testsplit import check_inputs, describe, load_splits
 from kd.teachers import ATTENTION
 from pipeline import log
 from pipeline.config import ConfigError
@@ -35,31 +35,16 @@ from stages.dynabert.config import Config
 LAUNCH = "distributed"
 
 
-def split_test(train: Examples, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, test) training-row indices: a `fraction` of the rows, drawn by `seed`, held out as the test split."""
-    n = len(train)
-    count = max(1, int(round(fraction * n)))
-    if count >= n:
-        raise ConfigError(f"test_fraction {fraction}: {n} training rows leave nothing to train on")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    return np.sort(order[count:]), np.sort(order[:count])
-
-
-def _training_set(config: Config, ctx, train: Examples, kept: np.ndarray):
-    """Texts and labels to train on: the kept training rows, or the augmented rows made from them."""
+def _training_set(config: Config, ctx, train: Examples):
+    """Texts and labels to train on: the training rows, or the augmented rows made from them (the augment stage
+    removed the same test split before augmenting, checked in `run`)."""
     if not config.augmented:
-        return [train.texts[i] for i in kept], train.labels[kept]
+        return train.texts, train.labels
     folder, manifest = ctx.input_dir("augmented"), ctx.input_manifest("augmented")
     if manifest.extra.get("label_names") != train.label_names:
         raise ConfigError(f"{folder}: augmented labels {manifest.extra.get('label_names')} != task labels "
                           f"{train.label_names}; augment the same task data")
-    texts, labels = augmented.read_examples(folder, manifest)
-    source = augmented.read_source_ids(folder, manifest)
-    if source.size and source.max() >= len(train):
-        raise ConfigError(f"{folder}: made from {source.max() + 1}+ training rows, this task has {len(train)}; "
-                          "give augment and dynabert the same data (and limit_train)")
-    keep = np.isin(source, kept)  # variants of held-out test sentences would leak the test split
-    return [t for t, k in zip(texts, keep) if k], labels[keep]
+    return augmented.read_examples(folder, manifest)
 
 
 def _load_teacher(config: Config, ctx, num_labels: int):
@@ -92,13 +77,15 @@ def run(config: Config, ctx):
         torch.set_num_threads(config.threads)
     device = devices.resolve(config.device, ctx.world)  # a missing GPU fails here, before any loading
     torch.manual_seed(ctx.seed)
-    train, dev = load_task(with_source(config.data, ctx))
+    splits = load_splits(with_source(config.data, ctx), ctx.seed)
+    train, dev = splits.train, splits.dev
+    check_inputs(ctx, splits.test_split, "teacher", "augmented")  # a teacher trained on test rows inflates test
+    log.info(f"dynabert: {describe(splits.test_split)}")
     preset = config.data.preset
     num_labels = 1 if preset.regression else len(train.label_names)
     teacher_folder, teacher = _load_teacher(config, ctx, num_labels)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_folder))
-    kept, test_rows = split_test(train, config.test_fraction, ctx.seed)
-    texts, labels = _training_set(config, ctx, train, kept)
+    texts, labels = _training_set(config, ctx, train)
     ids, types = encode(tokenizer, texts, config.data.max_length)
     student = loop.frozen_copy(teacher).requires_grad_(True).to(device)
     importance = loop.rewire(config, student, (ids, types, labels), tokenizer.pad_token_id, preset.regression,
@@ -113,12 +100,12 @@ def run(config: Config, ctx):
         dist.barrier()  # rank 0 evaluates and writes; this rank's manifest is never written
         return ctx.manifest(config, [], {}, {})
     dev_enc = (*encode(tokenizer, dev.texts, config.data.max_length), dev.labels)
-    test_enc = (*encode(tokenizer, [train.texts[i] for i in test_rows], config.data.max_length),
-                train.labels[test_rows])
+    test_enc = (*encode(tokenizer, splits.test.texts, config.data.max_length), splits.test.labels)
     report = grid.evaluate(config, student.float().cpu(), teacher.float().cpu(), dev_enc, test_enc, preset,
                            tokenizer.pad_token_id, tokenizer.vocab_size)
     report.update(task=config.data.task, widths=config.widths, depths=config.depths, train_examples=len(ids),
-                  test_examples=len(test_rows), importance=importance, **counts)
+                  test_examples=len(splits.test), test_split=describe(splits.test_split), importance=importance,
+                  **counts)
     best = report["smallest_within"]
     log.info(f"dynabert: full test {best['full_test_score']:.4f}; smallest within {config.tolerance:g}: "
              f"w{best['width']:g} d{best['depth']:g} ({100 * best['params_share']:.1f}% params, "
@@ -139,5 +126,6 @@ def run(config: Config, ctx):
     _log(ctx, report, plot_path)
     dist.barrier()
     extra = {"model_dir": models.MODEL_DIR, "report": "report.json", "label_names": train.label_names,
-             "widths": config.widths, "depths": config.depths, "adaptive": "dynabert"}
+             "widths": config.widths, "depths": config.depths, "adaptive": "dynabert",
+             "test_split": splits.test_split}
     return ctx.manifest(config, outputs, metrics, extra)

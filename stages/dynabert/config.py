@@ -15,19 +15,20 @@ class Config(TrainConfig):
     (training keys: `pipeline.train.optim.TrainConfig`; the schedule restarts in each phase)."""
 
     data: TaskData = field(default_factory=TaskData)
-    """Task data: train (a `test_fraction` of it is held out as the test split) and dev."""
+    """Task data: train, dev (the choice of `smallest_within`) and the held-out test split the grid reports
+    (`data.test`, or `data.test_fraction` carved from train by the run seed; the teacher's and the augmented
+    set's must be the same)."""
     teacher: str | None = field(default=None, metadata={"input": True})
     """Fine-tuned teacher stage, e.g. `@teacher_finetune` (a BERT classifier)."""
     teacher_path: str | None = None
     """Or a fine-tuned BERT classifier folder / pkg: path (exactly one of teacher, teacher_path)."""
     augmented: str | None = field(default=None, metadata={"input": True})
-    """`augment` stage whose examples replace the training set (variants of held-out test rows are left out)."""
+    """`augment` stage whose examples replace the training set (it augmented no test row: it held out the same
+    test split)."""
     widths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     """Width multipliers: share of heads and FFN neurons kept (most important first); must include 1.0."""
     depths: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])
     """Depth multipliers: share of layers kept, layer floor(i / d) for i < round(d L); must include 1.0."""
-    test_fraction: float = 0.1
-    """Share of the training rows held out (chosen by the run seed) as the test split the grid reports."""
     importance_batches: int = 8
     """Training batches over which head / neuron importance (|d task loss / d mask|) is summed."""
     width_epochs: float = 3.0
@@ -74,8 +75,6 @@ class Config(TrainConfig):
                 raise ValueError(f"{name} must be distinct multipliers in (0, 1], got {values}")
             if 1.0 not in values:
                 raise ValueError(f"{name} must include 1.0 (the full model is the reference and the next teacher)")
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         for name in ("importance_batches", "batch_size", "eval_batch_size", "latency_batch_size", "latency_seq_len",
                      "latency_repeats"):
             if getattr(self, name) < 1:

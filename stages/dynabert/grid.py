@@ -74,6 +74,7 @@ def markdown(report: dict) -> str:
     t, s = report["teacher"], report["smallest_within"]
     b, seq = report["latency_shape"]
     lines = ["# DynaBERT grid", "",
+             f"Held-out {report.get('test_split', 'test split')}: {report['test_examples']} rows scored.", "",
              f"CPU latency per batch of {b} x {seq} tokens (median); params and latency of the sliced sub-network, "
              "export_* of the plain Hugging Face folder `distill export` writes (dropped heads zeroed in place).", "",
              "| width | depth | layers | dev | test | params | latency ms | export params | export latency ms |",

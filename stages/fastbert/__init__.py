@@ -4,7 +4,8 @@ A small classifier (a branch, kd/early_exit.py) goes after every layer but the l
 classifier; the backbone and the final classifier stay frozen. The branches learn, without labels, to predict
 what the model's own final classifier predicts (KL at a temperature, summed over branches) on the task's
 training text and, when given, the augmented text. Then the report: accuracy, average layers run and measured
-CPU latency on a held-out test split (carved from train by the run seed, `test_fraction`) for each speed
+CPU latency on the task's held-out test split (`formats.testsplit`: `data.test`, or carved from train by
+the run seed: the split teacher_finetune and augment held out too, which this stage checks) for each speed
 threshold S in `speeds`, the full model beside them, and the speed-up that costs at most `max_drop` points,
 its S chosen on dev (stages/fastbert/report.py).
 
@@ -20,11 +21,11 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import torch
 
 from formats import augmented, early_exit, models
-from formats.taskdata import encode, load_task, pad_batch, with_source
+from formats.taskdata import encode, pad_batch, with_source
+from formats.testsplit import check_inputs, describe, load_splits
 from kd.early_exit import Branches, check_backbone, self_distillation_loss, spec_of
 from kd.teachers import ATTENTION, place
 from pipeline import log
@@ -40,30 +41,13 @@ LAUNCH = "distributed"
 CKPT = "checkpoints"
 
 
-def split_test(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, test rows) of `n` train rows: a `fraction` held out, drawn by `seed`, both sorted."""
-    count = max(1, round(n * fraction))
-    if count >= n:
-        raise ConfigError(f"test_fraction {fraction} of {n} train rows leaves nothing to train on; lower it "
-                          "or give more rows")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    return np.sort(order[count:]), np.sort(order[:count])
-
-
-def _training_texts(config: Config, ctx, train, keep: np.ndarray, test: np.ndarray) -> tuple[list, int]:
-    """The unlabeled training text: kept train rows, then augmented rows not made from a test row."""
-    texts = [train.texts[i] for i in keep]
+def _training_texts(config: Config, ctx, train) -> tuple[list, int]:
+    """The unlabeled training text: the train rows, then the augmented rows (the augment stage removed the same
+    test split before augmenting, checked in `run`, so no row is made from a test row)."""
     if not config.augmented:
-        return texts, 0
-    folder, manifest = ctx.input_dir("augmented"), ctx.input_manifest("augmented")
-    held = set(test.tolist())
-    extra = []
-    for c in range(manifest.extra["chunks"]):
-        for line in (folder / augmented.part_name(c)).read_text().splitlines():
-            row = json.loads(line) if line else None
-            if row is not None and row["id"] not in held:
-                extra.append(tuple(row["text"]))
-    return texts + extra, len(extra)
+        return list(train.texts), 0
+    extra, _ = augmented.read_examples(ctx.input_dir("augmented"), ctx.input_manifest("augmented"))
+    return list(train.texts) + extra, len(extra)
 
 
 def train_branches(config: Config, ctx, classifier, branches: Branches, ids, types,
@@ -105,7 +89,7 @@ def train_branches(config: Config, ctx, classifier, branches: Branches, ids, typ
 
 
 def run(config: Config, ctx):
-    """Load the classifier, hold out the test rows, train the branches (resuming), report, save."""
+    """Load the classifier and the task's splits, train the branches (resuming), report on test, save."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if config.threads:
@@ -114,7 +98,10 @@ def run(config: Config, ctx):
     torch.manual_seed(ctx.seed)
     folder = models.upstream_model(ctx, config.teacher, config.teacher_path)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    train, dev = load_task(with_source(config.data, ctx))
+    splits = load_splits(with_source(config.data, ctx), ctx.seed)
+    train, dev = splits.train, splits.dev
+    check_inputs(ctx, splits.test_split, "teacher", "augmented")  # a teacher trained on test rows inflates test
+    log.info(f"fastbert: {describe(splits.test_split)}")
     classifier = AutoModelForSequenceClassification.from_pretrained(str(folder), attn_implementation=ATTENTION)
     try:
         check_backbone(classifier)
@@ -123,8 +110,7 @@ def run(config: Config, ctx):
     if classifier.config.num_labels != len(train.label_names):
         raise ConfigError(f"{folder}: the classifier has {classifier.config.num_labels} labels, the task "
                           f"{len(train.label_names)}; fine-tune it on this task first (teacher_finetune)")
-    keep, test = split_test(len(train), config.test_fraction, ctx.seed)
-    texts, n_aug = _training_texts(config, ctx, train, keep, test)
+    texts, n_aug = _training_texts(config, ctx, train)
     ids, types = encode(tokenizer, texts, config.data.max_length)
     with torch.random.fork_rng(devices=[]):  # the branches' init is seeded apart from the training RNG
         torch.manual_seed(ctx.seed + 1)
@@ -135,10 +121,10 @@ def run(config: Config, ctx):
         dist.barrier()  # rank 0 evaluates and writes; this rank's manifest is never written
         return ctx.manifest(config, [], {}, {})
     model = early_exit.EarlyExitModel(classifier.float().cpu(), trained, tokenizer, 0.0, config.data.max_length)
-    test_ex = ([train.texts[i] for i in test], train.labels[test])
-    report = grid_report.build(config, model, test_ex, (dev.texts, dev.labels))
+    report = grid_report.build(config, model, (splits.test.texts, splits.test.labels), (dev.texts, dev.labels))
     summary = report["summary"]
-    summary.update(task=config.data.task, **counts, train_texts=len(ids), augmented_texts=n_aug)
+    summary.update(task=config.data.task, **counts, train_texts=len(ids), augmented_texts=n_aug,
+                   test_split=describe(splits.test_split))
     metrics = grid_report.metrics(report)
     outputs = early_exit.save(ctx.stage_dir, classifier, trained, tokenizer, default_speed=summary["chosen_speed"],
                               max_length=config.data.max_length, labels=train.label_names,
@@ -151,7 +137,7 @@ def run(config: Config, ctx):
     dist.barrier()
     extra = {"model_dir": models.MODEL_DIR, "branches": early_exit.SPEC, "report": "report.json",
              "label_names": train.label_names, "default_speed": summary["chosen_speed"],
-             "test_rows": test.tolist()}
+             "test_split": splits.test_split}
     return ctx.manifest(config, outputs, metrics, extra)
 
 

@@ -19,16 +19,16 @@ class Config(TrainConfig):
     keys: `pipeline.train.optim.TrainConfig`)."""
 
     data: TaskData = field(default_factory=TaskData)
-    """Task data: train (its text, minus the held-out test rows, trains the branches), dev (choices)."""
+    """Task data: train (its text trains the branches), dev (the choice of S), and the held-out test split the
+    report scores (`data.test`, or `data.test_fraction` carved from train by the run seed; the teacher's and
+    the augmented set's must be the same)."""
     teacher: str | None = field(default=None, metadata={"input": True})
     """The fine-tuned classifier stage, e.g. `@teacher_finetune` (it gets the branches)."""
     teacher_path: str | None = None
     """Or a fine-tuned classifier folder / pkg: path (exactly one of teacher, teacher_path)."""
     augmented: str | None = field(default=None, metadata={"input": True})
-    """Optional `augment` stage made from the same train file: its texts are added as unlabeled training text
-    (rows derived from held-out test rows are left out)."""
-    test_fraction: float = 0.1
-    """Share of the train rows held out (drawn by the run seed) as the test split the report scores."""
+    """Optional `augment` stage made from the same task data: its texts are added as unlabeled training text
+    (it augmented no test row: it held out the same test split)."""
     branch_width: int = 128
     """Hidden size of each branch (the paper's 128)."""
     branch_heads: int = 2
@@ -67,8 +67,6 @@ class Config(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         check_model_fields(self.teacher, self.teacher_path)
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         for name in ("branch_width", "branch_heads", "batch_size", "eval_batch_size", "latency_examples",
                      "latency_repeats"):
             if getattr(self, name) < 1:

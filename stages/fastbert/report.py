@@ -70,7 +70,7 @@ def build(config, model, test: tuple, dev: tuple) -> dict:
     within = [row for row in grid if row["dev_accuracy"] >= floor]
     chosen = max(within, key=lambda row: row["speed"]) if within else None
     summary = {"layers": model.layers, "test_examples": len(test[0]), "dev_examples": len(dev[0]),
-               "test_fraction": config.test_fraction, "max_drop": config.max_drop,
+               "max_drop": config.max_drop,
                "latency_examples": min(config.latency_examples, len(test[0])),
                "latency_repeats": config.latency_repeats, "batch_size": size,
                "chosen_speed": chosen["speed"] if chosen else 0.0,
@@ -95,7 +95,8 @@ def markdown(report: dict) -> str:
     """The table a person reads: full model, then each S."""
     s, t = report["summary"], report["teacher"]
     lines = [f"# FastBERT early exit: {s.get('task', '')}", "",
-             f"Test: {s['test_examples']} rows held out of train; latency on {s['latency_examples']} of them, "
+             f"Held-out {s.get('test_split', 'test split')}: {s['test_examples']} rows scored; latency on "
+             f"{s['latency_examples']} of them, "
              f"batch {s['batch_size']}, CPU, median of {s['latency_repeats']}.", "",
              "| model | S | test acc | dev acc | avg layers | ms / example | speed-up (measured) | speed-up (layers) |",
              "|---|---|---|---|---|---|---|---|",

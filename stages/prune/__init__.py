@@ -6,7 +6,9 @@ mask|, Michel et al. 2019, through `kd.importance`). Either prunes once to `spar
 per round; after each pruning the kept weights rewind to `rewind_step` (Frankle & Carbin 2019; Chen et al.
 2020 for BERT) and retrain with the masks held, optionally distilling from the unpruned model. The export
 is a normal model folder (zeros in place, or smaller FFN matrices through `kd.importance.shrink`), with
-`sparsity.json` and a report of sparsity against the test score and the measured CPU speed-up.
+`sparsity.json` and a report of sparsity against the test score and the measured CPU speed-up. The test score
+is on the task's held-out test split (`formats.testsplit`: `data.test`, or carved from train by the run seed,
+the split the upstream `teacher_finetune` held out too, which this stage checks).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import torch
 
 from formats import models
-from formats.taskdata import Examples, encode, load_task, predict, predictions, with_source
+from formats.taskdata import encode, predict, predictions, with_source
+from formats.testsplit import check_inputs, describe, load_splits
 from kd import metrics as task_metrics
 from kd.latency import compare, parameter_count
 from kd.teachers import ATTENTION
@@ -31,27 +33,6 @@ from stages.prune import loop, report
 from stages.prune.config import Config
 
 LAUNCH = "distributed"
-
-
-def carve_test(examples: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
-    """(rest, test): a `fraction` of `examples` drawn by `seed`, each part in its original order."""
-    n = len(examples)
-    count = min(max(1, round(fraction * n)), n - 1)
-    if count < 1:
-        raise ConfigError(f"test_fraction: {n} example(s) cannot be split into a test split and the rest")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7777)).numpy()
-    test, rest = np.sort(order[:count]), np.sort(order[count:])
-    part = lambda idx: Examples([examples.texts[i] for i in idx], examples.labels[idx], examples.label_names)  # noqa: E731
-    return part(rest), part(test)
-
-
-def _splits(config: Config, ctx) -> tuple[Examples, Examples, Examples]:
-    train, dev = load_task(with_source(config.data, ctx))
-    if config.test_from == "train":
-        train, test = carve_test(train, config.test_fraction, ctx.seed)
-    else:
-        dev, test = carve_test(dev, config.test_fraction, ctx.seed)
-    return train, dev, test
 
 
 def _load(folder, num_labels: int):
@@ -74,7 +55,10 @@ def run(config: Config, ctx):
     torch.manual_seed(ctx.seed)
     folder = models.upstream_model(ctx, config.model, config.model_path, role="model")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    train_ex, dev_ex, test_ex = _splits(config, ctx)
+    splits = load_splits(with_source(config.data, ctx), ctx.seed)
+    train_ex, dev_ex, test_ex = splits.train, splits.dev, splits.test
+    check_inputs(ctx, splits.test_split, "model")  # a model fine-tuned on test rows inflates the test score
+    log.info(f"prune: {describe(splits.test_split)}")
     preset = config.data.preset
     num_labels = 1 if preset.regression else len(train_ex.label_names)
     model = _load(folder, num_labels)
@@ -110,7 +94,8 @@ def run(config: Config, ctx):
     sparsity = report.sparsity_record(config, masks, exported, units)
     summary = {
         "task": config.data.task, "method": config.method, "mode": config.mode, "target": config.sparsity,
-        "sparsity": sparsity["sparsity"], "seed": ctx.seed, "test_from": config.test_from,
+        "sparsity": sparsity["sparsity"], "seed": ctx.seed,
+        "test_split": describe(splits.test_split),
         "test_examples": len(test_ex), "train_examples": len(train_ex), "dev_examples": len(dev_ex), **counts,
         "dev_score": final["dev"]["score"], "test_score": final["test"]["score"],
         "unpruned_dev_score": baseline["dev"]["score"], "unpruned_test_score": baseline["test"]["score"],
@@ -141,5 +126,6 @@ def run(config: Config, ctx):
     ctx.tracker.log_artifact(picture, "plots")
     dist.barrier()
     extra = {"model_dir": models.MODEL_DIR, "report": "report.json", "sparsity": sparsity, "task": config.data.task,
-             "label_names": train_ex.label_names, "num_labels": num_labels, "regression": preset.regression}
+             "label_names": train_ex.label_names, "num_labels": num_labels, "regression": preset.regression,
+             "test_split": splits.test_split}
     return ctx.manifest(config, outputs, metrics, extra)

@@ -20,12 +20,9 @@ class Config(TrainConfig):
     model_path: str | None = None
     """Or a classifier folder / pkg: path (exactly one of model, model_path)."""
     data: TaskData = field(default_factory=TaskData)
-    """Task data: train (retraining, minus the test split when carved from it) and dev."""
-    test_fraction: float = 0.1
-    """Share of `test_from` held out by `ctx.seed` as the test split the published scores are measured on."""
-    test_from: Literal["train", "dev"] = "train"
-    """Which split the test examples are carved from: train (the model never trained on it), or dev when the
-    input model was fine-tuned on all of train (as in the recipes); the rest of dev stays for choices."""
+    """Task data: train (retraining), dev (logged during training) and the held-out test split the published
+    scores are measured on (`data.test`, or `data.test_fraction` carved from train by the run seed; an upstream
+    `model` stage must have held out the same split)."""
     method: Literal["magnitude", "structured"] = "magnitude"
     """magnitude: single weights by |w| (zeros in the export); structured: attention heads and FFN neurons by
     importance (smaller matrices in the export)."""
@@ -88,8 +85,6 @@ class Config(TrainConfig):
             raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity}")
         if not 0 < self.rate < 1:
             raise ValueError(f"rate must be in (0, 1), got {self.rate}")
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.method == "structured" and self.scope == "global":
             raise ValueError("scope: structured pruning keeps the same share of heads and neurons in every layer; "
                              "set scope: layer")

@@ -35,7 +35,7 @@ def markdown(report: dict) -> str:
     """The report as a page: sparsity vs score per round, the unpruned baseline, speed."""
     s, base = report["summary"], report["unpruned"]
     lines = [f"# Pruning report: {s['task']} ({s['method']}, {s['mode']}, target {s['target']:.0%})", "",
-             f"Test split: {s['test_examples']} examples carved from {s['test_from']} (seed {s['seed']}); "
+             f"Held-out {s['test_split']}: {s['test_examples']} examples scored; "
              "dev is what choices are made on.", "",
              "| round | sparsity | dev score | test score |", "|---:|---:|---:|---:|",
              f"| unpruned | 0.000 | {base['dev']['score']:.4f} | {base['test']['score']:.4f} |"]

@@ -1,7 +1,8 @@
 """The shipped adaptive recipe, reduced with --set, end to end on real WordNet and the real MiniLM teacher:
 wordnet -> teacher_finetune -> augment -> fastbert and dynabert, with MLflow tracking on (its sqlite store in
 the run directory); then `distill predict --speed` on what fastbert saved and `distill export --width --depth`
-of a DynaBERT sub-network that plain transformers loads."""
+of a DynaBERT sub-network that plain transformers loads; both report on the wordnet stage's test.tsv, and a
+teacher that held out another test split is refused."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.fixtures.wordnet import wordnet  # noqa: F401 - fixture
 RECIPE = REPO / "configs" / "recipes" / "adaptive.yaml"
 STAGES = ["wordnet", "teacher_finetune", "augment", "fastbert", "dynabert"]
 REDUCED = [
-    "stages.wordnet.max_train=40", "stages.wordnet.max_dev=16",
+    "stages.wordnet.max_train=40", "stages.wordnet.max_dev=16", "stages.wordnet.max_test=8",
     "stages.teacher_finetune.max_steps=2", "stages.teacher_finetune.batch_size=8",
     "stages.teacher_finetune.eval_every=2", "stages.teacher_finetune.data.max_length=24",
     "stages.augment.n_aug=1", "stages.augment.top_k=2", "stages.augment.data.max_length=24",
@@ -38,8 +39,9 @@ def _fastbert(run_dir, tmp_path, capsys):
     manifest.verify(stage)
     report = json.loads((stage / "report.json").read_text())
     s = report["summary"]
-    assert s["layers"] == 6 and s["steps"] == 3 and s["test_examples"] == 4 and s["augmented_texts"] > 0
-    assert s["train_texts"] == 36 + s["augmented_texts"]
+    assert s["layers"] == 6 and s["steps"] == 3 and s["test_examples"] == 8 and s["augmented_texts"] > 0
+    assert s["train_texts"] == 40 + s["augmented_texts"] and s["test_split"] == "test split: the data.test file, 8 rows"
+    assert manifest.extra["test_split"]["sha256"] == Manifest.load(run_dir / "augment").extra["test_split"]["sha256"]
     assert report["grid"][0]["test_accuracy"] == report["teacher"]["test_accuracy"]
     # the report went to the stage's MLflow run: the grid as metrics by step, the files as artifacts
     import mlflow
@@ -62,8 +64,8 @@ def _dynabert(run_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     report = json.loads((run_dir / "dynabert/report.json").read_text())
-    assert len(report["rows"]) == 4 and report["test_examples"] == 4  # 10% of 40 glosses held out
-    assert report["train_examples"] > 36  # augmented variants of the 36 kept glosses
+    assert len(report["rows"]) == 4 and report["test_examples"] == 8  # wordnet's test.tsv
+    assert report["train_examples"] > 40  # augmented variants of the 40 training glosses
     out = tmp_path / "export"
     assert main(["export", str(run_dir / "dynabert"), "--width", "0.5", "--depth", "0.5", "--out", str(out)]) == 0
     small = AutoModelForSequenceClassification.from_pretrained(str(out / "model"))
@@ -80,3 +82,8 @@ def test_reduced_adaptive_recipe_runs_end_to_end(wordnet, tmp_path, capsys):  # 
     assert status == 0, capsys.readouterr().err[-3000:]
     _fastbert(run_dir, tmp_path, capsys)
     _dynabert(run_dir, tmp_path)
+    # dynabert with the test split carved from train instead: the teacher and augment trained on those rows.
+    status = main(["run", str(RECIPE), "--run-dir", str(run_dir), "--stages", "dynabert", *sets,
+                   "--set", "stages.dynabert.data.test="])
+    err = capsys.readouterr().err
+    assert status == 2 and "held out a different test split" in err and "Traceback" not in err, err[-2000:]

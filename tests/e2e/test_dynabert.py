@@ -17,8 +17,8 @@ run: {{name: tiny-dynabert, seed: 0}}
 stages:
   dynabert:
     teacher_path: {teacher}
-    data: {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 48, limit_dev: 16, max_length: 16}}
-    test_fraction: 0.25
+    data: {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, test_fraction: 0.25, limit_train: 36, limit_dev: 16,
+            limit_test: 12, max_length: 16}}
     importance_batches: 2
     widths: [0.5, 1.0]
     depths: [0.5, 1.0]
@@ -82,7 +82,10 @@ def test_the_grid_report_covers_every_sub_network(dynabert_run):
         assert 0 <= row["test"]["score"] <= 1 and row["params"] <= row["export_params"]
     sizes = {(r["width"], r["depth"]): r["params"] for r in report["rows"]}
     assert sizes[(0.5, 0.5)] < sizes[(0.5, 1.0)] < sizes[(1.0, 1.0)] and sizes[(0.5, 0.5)] < sizes[(1.0, 0.5)]
-    assert report["test_examples"] == 12 and report["train_examples"] == 36  # 25% of 48 held out
+    assert report["test_examples"] == 12 and report["train_examples"] == 36
+    split = Manifest.load(stage).extra["test_split"]  # 25% of the train file carved by the seed, 12 of it scored
+    assert split["source"] == "carved" and split["size"] == round(0.25 * 67349) and split["used"] == 12
+    assert report["test_split"].startswith(f"test split: {split['size']} of 67349 train rows carved by seed 0")
     assert len(report["importance"]["heads"]) == 4 and len(report["importance"]["heads"][0]) == 4
     best = report["smallest_within"]
     assert best["chosen_on"] == "dev" and best["dev_score"] >= best["full_dev_score"] - 0.01

@@ -1,6 +1,7 @@
 """The fastbert stage end to end on a tiny fine-tuned teacher and 96 SST-2 lines: branches trained through the
 one trainer, exact resume after a preemption mid-training, the saved early-exit folder, the report, and
-`distill predict --speed` (run in this process: the CLI's own `main`, to keep interpreter starts out of it)."""
+`distill predict --speed` (run in this process: the CLI's own `main`, to keep interpreter starts out of it); the
+test split is the teacher's (the same seed's carve of the train file), and a different one is refused."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ tracking: {{enabled: false}}
 stages:
   teacher_finetune:
     teacher_path: {teacher}
-    data: &data {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 96, limit_dev: 32, max_length: 24}}
+    data: &data {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, test_fraction: 0.25, limit_train: 96, limit_dev: 32,
+                  limit_test: 24, max_length: 24}}
     epochs: 1
     batch_size: 16
     eval_every: 3
@@ -32,7 +34,6 @@ stages:
   fastbert: &fastbert
     data: *data
     teacher: "@teacher_finetune"
-    test_fraction: 0.25
     branch_width: 16
     max_steps: 6
     batch_size: 8
@@ -45,6 +46,9 @@ stages:
     latency_repeats: 1
     eval_batch_size: 8
   fastbert_killed:
+    <<: *fastbert
+    stage: fastbert
+  fastbert_other_split:
     <<: *fastbert
     stage: fastbert
 """
@@ -102,7 +106,7 @@ def test_report_scores_the_held_out_rows_for_every_speed(fastbert_run):
     stage = run_dir / "fastbert"
     report = json.loads((stage / "report.json").read_text())
     s, teacher, grid = report["summary"], report["teacher"], report["grid"]
-    assert s["test_examples"] == 24 and s["dev_examples"] == 32 and s["train_texts"] == 72 and s["steps"] == 6
+    assert s["test_examples"] == 24 and s["dev_examples"] == 32 and s["train_texts"] == 96 and s["steps"] == 6
     assert [r["speed"] for r in grid] == [0.0, 0.5, 0.9, 1.0]
     assert grid[0]["test_accuracy"] == teacher["test_accuracy"] and grid[0]["avg_layers"] == 3
     assert grid[-1]["avg_layers"] == 1 and grid[-1]["layer_speedup"] == 3
@@ -113,8 +117,22 @@ def test_report_scores_the_held_out_rows_for_every_speed(fastbert_run):
     assert s["speedup_at_max_drop"] == chosen["speedup"]
     assert "Speed-up at <= 1 point" in (stage / "report.md").read_text()
     assert (stage / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    held = set(Manifest.load(stage).extra["test_rows"])
-    assert len(held) == 24 and held == set(Manifest.load(run_dir / "fastbert_killed").extra["test_rows"])
+    split = Manifest.load(stage).extra["test_split"]
+    assert split["source"] == "carved" and split["size"] == round(0.25 * 67349) and split["used"] == 24
+    assert split == Manifest.load(run_dir / "fastbert_killed").extra["test_split"]
+    teacher = Manifest.load(run_dir / "teacher_finetune").extra["test_split"]
+    assert teacher["sha256"] == split["sha256"] and "carved by seed 0" in s["test_split"]
+
+
+def test_a_teacher_that_held_out_another_split_is_refused(fastbert_run, capsys):
+    _, run_dir = fastbert_run
+    recipe = run_dir.parent / "recipe.yaml"
+    capsys.readouterr()
+    status = main(["run", str(recipe), "--run-dir", str(run_dir), "--stages", "fastbert_other_split",
+                   "--set", "stages.fastbert_other_split.data.test_fraction=0.3"])
+    err = capsys.readouterr().err
+    assert status == 2 and "held out a different test split" in err and "Traceback" not in err, err[-2000:]
+    assert not (run_dir / "fastbert_other_split" / "manifest.json").exists()
 
 
 def _predict(capsys, *args: str) -> tuple[int, list[dict], str]:

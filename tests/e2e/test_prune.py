@@ -23,14 +23,14 @@ stages:
   prune_mag: &tiny
     stage: prune
     model_path: {model}
-    data: {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 80, limit_dev: 32, max_length: 24}}
+    data: {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, test_fraction: 0.2, limit_train: 64, limit_dev: 32,
+            limit_test: 16, max_length: 24}}
     batch_size: 8
     lr: 1.0e-3
     device: cpu
     latency_repeats: 1
     latency_batch_size: 2
     latency_seq_len: 8
-    test_fraction: 0.2
     mode: iterative
     rate: 0.3
     sparsity: 0.5
@@ -42,7 +42,6 @@ stages:
     keep_last: 20
   prune_layer:
     <<: *tiny
-    test_fraction: 0.1
     scope: layer
     sparsity: 0.9
     rewind_step: null
@@ -51,7 +50,6 @@ stages:
     distill_alpha: 0.0
   prune_heads:
     <<: *tiny
-    test_fraction: 0.1
     method: structured
     scope: layer
     sparsity: 0.5
@@ -118,6 +116,9 @@ def test_iterative_magnitude_rounds_reach_the_target_and_keep_their_zeros(pruned
     manifest = Manifest.load(run_dir / "prune_mag")
     assert manifest.extra["sparsity"]["layers"] == sparsity["layers"] and manifest.metrics["sparsity"] == pytest.approx(0.5, abs=1e-4)
     assert report["summary"]["test_examples"] == 16 and report["summary"]["train_examples"] == 64
+    split = manifest.extra["test_split"]  # 20% of the train file carved by the seed, 16 of it scored
+    assert split["source"] == "carved" and split["size"] == round(0.2 * 67349) and split["used"] == 16
+    assert "carved by seed 0" in report["summary"]["test_split"]
     assert (run_dir / "prune_mag/sparsity_vs_score.png").stat().st_size > 0
     assert "| unpruned |" in (run_dir / "prune_mag/report.md").read_text()
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from formats.taskdata import TaskData
-from formats.testsplit import carve, check_same_split, load_splits, load_train
+from formats.testsplit import carve, check_inputs, check_same_split, load_splits, load_train
+from pipeline.context import ResolvedInput, RunContext
+from pipeline.manifest import Manifest
 from pipeline.config import ConfigError
 
 
@@ -66,3 +68,23 @@ def test_a_given_test_file_is_used_and_train_is_whole(files):
         load_splits(data(where, test=str(where / "bad.tsv")), seed=0)
     with pytest.raises(ValueError, match="test_fraction must be in"):
         data(where, test_fraction=1.0)
+
+
+def _upstream(tmp_path, name: str, test_split: dict | None) -> ResolvedInput:
+    manifest = Manifest(stage=name, name=name, config_hash="0", config={}, version="1", git_commit=None, inputs=[],
+                        outputs=[], extra={} if test_split is None else {"test_split": test_split})
+    return ResolvedInput(field=name, ref=f"@{name}", path=tmp_path / name, manifest=manifest, sha256="0")
+
+
+def test_check_inputs_refuses_each_named_upstream_that_held_out_another_split(files, tmp_path):
+    where, _ = files
+    mine = load_splits(data(where, test_fraction=0.25), seed=0).test_split
+    other = load_splits(data(where, test_fraction=0.25), seed=1).test_split
+    ctx = RunContext(run_dir=tmp_path, stage_dir=tmp_path / "fastbert", name="fastbert", stage="fastbert",
+                     inputs={"teacher": _upstream(tmp_path, "teacher", {k: v for k, v in mine.items() if k != "used"}),
+                             "augmented": _upstream(tmp_path, "augmented", other)})
+    check_inputs(ctx, mine, "teacher", "model")  # the same split, and an input this run does not have
+    with pytest.raises(ConfigError, match=r"^augmented .*augmented: it held out a different test split"):
+        check_inputs(ctx, mine, "teacher", "augmented")
+    ctx.inputs["augmented"] = _upstream(tmp_path, "augmented", None)  # written before test splits existed
+    check_inputs(ctx, mine, "teacher", "augmented")
