@@ -26,6 +26,7 @@ STAGES: dict[str, str] = {
     "teacher_finetune": "stages.teacher_finetune",
     "augment": "stages.augment",
     "task": "stages.task",
+    "team": "stages.team",
     "register": "stages.register",
     "report": "stages.report",
 }

@@ -36,7 +36,7 @@ from pipeline.config import ConfigError
 from pipeline.manifest import OutputFile, atomic_write_text
 from pipeline.train import device as devices
 from pipeline.train import dist
-from stages.task import loop
+from stages.task import loop, skd
 
 LAUNCH = "distributed"
 OBJECTIVES = ("tinybert", "tinybert_intermediate", "tinybert_prediction", "pkd")
@@ -118,13 +118,19 @@ def run(config: Config, ctx):
     if student_folder is not None:
         check_same_vocab(tokenizer, AutoTokenizer.from_pretrained(str(student_folder)), f"student {student_folder}")
     student = loop.build_classifier(student_folder, config.student_init, teacher, num_labels)
-    texts, labels, cached = _training_set(config, ctx, train, teacher_folder, train.label_names)
+    team = skd.load(config, ctx, tokenizer, train.label_names, student)  # None without `team`
+    if team is not None and team.cached:  # the members' caches are the training set
+        texts, labels, cached = team.texts, team.labels, None
+    else:
+        texts, labels, cached = _training_set(config, ctx, train, teacher_folder, train.label_names)
     ids, types = encode(tokenizer, texts, config.data.max_length)
     labels_out = None if preset.regression else train.label_names
     if ctx.world.rank == 0:  # what `distill export` needs to turn any ckpt/step-N/ into a model folder
         models.save_template(ctx.stage_dir / loop.CKPT, student, tokenizer, labels=labels_out)
     counts, student = loop.train(config, ctx, student, teacher, (ids, types, labels), cached, tokenizer.pad_token_id,
-                                 regression=preset.regression)
+                                 regression=preset.regression, team=team)
+    if team is not None:
+        counts.update(team.counts(len(ids), config.batch_size))
     if ctx.world.rank != 0:
         dist.barrier()  # rank 0 evaluates and writes; this rank's manifest is never written
         return ctx.manifest(config, [], {}, {})
@@ -159,4 +165,6 @@ def run(config: Config, ctx):
     dist.barrier()
     extra = {"model_dir": models.MODEL_DIR, "report": "report.json", "label_names": train.label_names,
              "confusion_matrix": {n: results[n].get("confusion_matrix") for n in results}}
+    if team is not None:
+        extra["team"] = team.describe()
     return ctx.manifest(config, outputs, metrics, extra)

@@ -30,6 +30,7 @@ from formats.taskdata import (
 )
 from kd import metrics as task_metrics
 from kd.teachers import ATTENTION
+from kd.teams import truncate_encoder
 from pipeline import log
 from pipeline.assets import resolve_asset
 from pipeline.config import ConfigError
@@ -118,6 +119,11 @@ def run(config: Config, ctx):
     preset = config.data.preset
     num_labels = 1 if preset.regression else len(train_ex.label_names)
     model = load_classifier(source, num_labels, train_ex.label_names)
+    if config.num_layers is not None:
+        try:
+            truncate_encoder(model, config.num_layers)
+        except ValueError as err:
+            raise ConfigError(f"num_layers: {err} ({config.teacher_path})") from None
     if config.finetuned and getattr(model.config, "num_labels", None) != num_labels:
         raise ConfigError(f"{config.teacher_path}: finetuned: true but its classifier has {model.config.num_labels} "
                           f"labels and the task {num_labels}")
