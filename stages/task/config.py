@@ -84,7 +84,7 @@ class Config(TrainConfig):
             raise ValueError("give exactly one of teacher (e.g. '@teacher_finetune') or teacher_path")
         if self.student and self.student_path:
             raise ValueError("give student or student_path, not both")
-        if self.objective == "tinybert_prediction" and not self.augmented:
+        if self.objective == "tinybert_prediction" and not (self.augmented or self.team):
             raise ValueError("objective tinybert_prediction reads cached teacher logits: set augmented: '@augment'")
         for name in ("batch_size", "latency_batch_size", "latency_seq_len", "checkpoint_every"):
             if getattr(self, name) < 1:
