@@ -23,60 +23,29 @@ from tests.e2e.test_task_pipeline import tiny_encoder
 RECIPE = """
 run: {{name: tiny-skd, seed: 0}}
 stages:
-  teacher_finetune:
-    teacher_path: {teacher}
-    data: &data {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 64, limit_dev: 32, max_length: 32}}
-    epochs: 1
-    batch_size: 16
-    eval_every: 2
-    lr: 1.0e-3
-    device: cpu
-  teacher_l2:
-    stage: teacher_finetune
-    teacher_path: {teacher}
-    num_layers: 2
-    data: *data
-    epochs: 1
-    batch_size: 16
-    eval_every: 2
-    lr: 1.0e-3
-    device: cpu
-  augment:
-    data: &aug {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 12, max_length: 32}}
-    n_aug: 2
-    top_k: 4
-    teacher: "@teacher_finetune"
-    chunk_size: 8
-  augment_l2:
+  teacher_finetune: &teacher {{teacher_path: {teacher}, epochs: 1, batch_size: 16, eval_every: 2, lr: 1.0e-3,
+    device: cpu, data: &data {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 64, limit_dev: 32,
+                               max_length: 32}}}}
+  teacher_l2: {{<<: *teacher, stage: teacher_finetune, num_layers: 2}}
+  augment: &augment {{n_aug: 2, top_k: 4, chunk_size: 8, teacher: "@teacher_finetune",
+                      data: {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 12, max_length: 32}}}}
+  augment_l2: {{<<: *augment, stage: augment, teacher: "@teacher_l2"}}
+  augment_other:  # l2's outputs over other augmented text
+    <<: *augment
     stage: augment
-    data: *aug
-    n_aug: 2
-    top_k: 4
     teacher: "@teacher_l2"
-    chunk_size: 8
-  augment_other:
-    stage: augment
     data: {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 10, max_length: 32}}
-    n_aug: 2
-    top_k: 4
-    teacher: "@teacher_l2"
-    chunk_size: 8
   team:
     data: *data
     members:
       - {{name: full, teacher: "@teacher_finetune", augmented: "@augment"}}
       - {{name: l2, teacher: "@teacher_l2", augmented: "@augment_l2"}}
-  team_one:
-    stage: team
-    data: *data
-    members: [{{name: full, teacher: "@teacher_finetune", augmented: "@augment"}}]
+  team_one: {{stage: team, data: *data, members: [{{name: full, teacher: "@teacher_finetune", augmented: "@augment"}}]}}
   team_online:
     stage: team
     data: *data
-    members:
-      - {{name: full, teacher: "@teacher_finetune"}}
-      - {{name: l2, teacher: "@teacher_l2", level: 10}}
-  plain:
+    members: [{{name: full, teacher: "@teacher_finetune"}}, {{name: l2, teacher: "@teacher_l2", level: 10}}]
+  plain: &task
     stage: task
     data: *data
     teacher: "@teacher_finetune"
@@ -91,52 +60,15 @@ stages:
     latency_repeats: 1
     latency_batch_size: 2
     latency_seq_len: 8
-  one:
-    stage: task
-    data: *data
-    teacher: "@teacher_finetune"
-    team: "@team_one"
-    sampler: {{law: single}}
-    objective: tinybert_prediction
-    student_init: {{num_layers: 2}}
-    max_steps: 6
-    batch_size: 4
-    device: cpu
-    latency_repeats: 1
-    latency_batch_size: 2
-    latency_seq_len: 8
-  skd:
-    stage: task
-    data: *data
-    teacher: "@teacher_finetune"
-    team: "@team"
-    sampler: {{law: uniform}}
-    objective: tinybert_prediction
-    student_init: {{num_layers: 2}}
-    max_steps: 6
-    batch_size: 4
-    checkpoint_every: 2
-    keep_last: 10
-    device: cpu
-    latency_repeats: 1
-    latency_batch_size: 2
-    latency_seq_len: 8
-  online:
-    stage: task
-    data: *data
-    teacher: "@teacher_finetune"
-    augmented: "@augment"
+  one: {{<<: *task, augmented: null, team: "@team_one", sampler: {{law: single}}}}
+  skd: {{<<: *task, augmented: null, team: "@team", sampler: {{law: uniform}}}}
+  online:  # step 1 from the reference teacher online, step 2 from the online team, one member per example
+    <<: *task
     team: "@team_online"
     sampler: {{law: capacity, unit: example}}
     objective: tinybert
     intermediate_epochs: 1
-    student_init: {{num_layers: 2}}
     max_steps: 3
-    batch_size: 4
-    device: cpu
-    latency_repeats: 1
-    latency_batch_size: 2
-    latency_seq_len: 8
 """
 
 

@@ -16,7 +16,7 @@ RECIPE = REPO / "configs" / "recipes" / "skd.yaml"
 TEACHERS = ("teacher_finetune", "teacher_l4", "teacher_l2")
 AUGMENTS = ("augment", "augment_l4", "augment_l2")
 REDUCED = [
-    "stages.wordnet.max_train=40", "stages.wordnet.max_dev=16",
+    "stages.wordnet.max_train=200", "stages.wordnet.max_dev=24",
     *[f"stages.{t}.{k}" for t in TEACHERS for k in ("max_steps=2", "batch_size=8", "eval_every=2")],
     *[f"stages.{a}.{k}" for a in AUGMENTS for k in ("data.limit_train=8", "n_aug=1", "top_k=2")],
     "stages.task.max_steps=4", "stages.task.batch_size=4", "stages.task.latency_repeats=1",
