@@ -10,6 +10,7 @@ reader re-checks all of it, member by member, and refuses a mismatch in one line
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ class Member:
 
     name: str
     model_dir: str
-    """Absolute path of the member's model folder."""
+    """The member's model folder (in team.json relative to the team stage directory when in the same run)."""
     teacher_sha256: str
     level: float
     """Capacity: layers x width, or the level given in the config."""
@@ -41,7 +42,7 @@ class Member:
     dev: dict = field(default_factory=dict)
     """Dev metrics of the member (with `score`)."""
     cache: str | None = None
-    """Absolute path of the `augment` output with this member's cached logits (None: online only)."""
+    """The `augment` output with this member's cached logits (None: online only); stored like `model_dir`."""
 
     @property
     def score(self) -> float:
@@ -49,9 +50,20 @@ class Member:
         return float(self.dev.get("score", 0.0))
 
 
+def _stored(path: str | None, stage_dir: Path) -> str | None:
+    """A path as team.json keeps it: relative to the stage directory when both are in one run directory, so
+    a run directory copied or moved whole still reads its own members."""
+    if path is None:
+        return None
+    run_dir = Path(stage_dir).resolve().parent
+    full = Path(path).resolve()
+    return os.path.relpath(full, Path(stage_dir).resolve()) if full.is_relative_to(run_dir) else str(full)
+
+
 def write(stage_dir: Path, members: list[Member]) -> OutputFile:
     """Write `team.json` atomically; return its manifest entry."""
-    body = {"members": [asdict(m) for m in members]}
+    body = {"members": [{**asdict(m), "model_dir": _stored(m.model_dir, stage_dir),
+                         "cache": _stored(m.cache, stage_dir)} for m in members]}
     atomic_write_text(Path(stage_dir) / TEAM_FILE, json.dumps(body, indent=2, sort_keys=True) + "\n")
     return OutputFile.of(stage_dir, TEAM_FILE, samples=len(members))
 
@@ -63,7 +75,11 @@ def read(stage_dir: Path) -> list[Member]:
         rows = json.loads(path.read_text())["members"]
     except (OSError, json.JSONDecodeError, KeyError) as err:
         raise ManifestError(f"{path}: unreadable team description ({err}); rerun the team stage") from None
-    members = [Member(**row) for row in rows]
+    here = Path(stage_dir).resolve()
+    def full(path: str | None) -> str | None:
+        return os.path.normpath(here / path) if path else None
+
+    members = [Member(**{**row, "model_dir": full(row["model_dir"]), "cache": full(row.get("cache"))}) for row in rows]
     for m in members:
         if weights_sha256(Path(m.model_dir)) != m.teacher_sha256:
             raise ConfigError(f"team member {m.name!r}: the weights in {m.model_dir} changed since the team was "

@@ -18,7 +18,7 @@ AUGMENTS = ("augment", "augment_l4", "augment_l2")
 REDUCED = [
     "stages.wordnet.max_train=200", "stages.wordnet.max_dev=24",
     *[f"stages.{t}.{k}" for t in TEACHERS for k in ("max_steps=2", "batch_size=8", "eval_every=2")],
-    *[f"stages.{a}.{k}" for a in AUGMENTS for k in ("data.limit_train=8", "n_aug=1", "top_k=2")],
+    *[f"stages.{a}.{k}" for a in AUGMENTS for k in ("n_aug=1", "top_k=2", "batch_size=64")],
     "stages.task.max_steps=4", "stages.task.batch_size=4", "stages.task.latency_repeats=1",
     "stages.task.latency_batch_size=2", "stages.task.latency_seq_len=8", "stages.task.sampler.law=uniform",
 ]
