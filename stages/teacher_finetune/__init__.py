@@ -4,7 +4,8 @@ TinyBERT's task distillation needs a teacher fine-tuned on the task, and fine-tu
 released. This stage trains one (AdamW, linear warm-up/decay, evaluation every `eval_every` steps, best dev
 score kept, stop after `patience` evaluations without improvement) and saves it in HF format with its dev
 metrics. With `finetuned: true` the given model already is the task teacher: nothing is trained, it is
-only evaluated and saved, so the rest of the recipe is unchanged.
+only evaluated and saved, so the rest of the recipe is unchanged. With `num_layers: k` only the encoder's first
+k layers are kept before fine-tuning: a smaller member of an SKD teacher team (docs/skd.md).
 
 Training is the one loop of `pipeline.train.trainer` (any device, torch or DeepSpeed ZeRO, several ranks each
 taking its slice of every global batch). Batches are a pure function of (seed, epoch, step), and a

@@ -22,6 +22,7 @@ from tests.e2e.test_task_pipeline import tiny_encoder
 
 RECIPE = """
 run: {{name: tiny-skd, seed: 0}}
+tracking: {{enabled: true}}
 stages:
   teacher_finetune: &teacher {{teacher_path: {teacher}, epochs: 1, batch_size: 16, eval_every: 2, lr: 1.0e-3,
     device: cpu, data: &data {{train: {sst2}/train.tsv, dev: {sst2}/dev.tsv, limit_train: 64, limit_dev: 32,
@@ -115,6 +116,15 @@ def test_cached_team_samples_each_step_without_teacher_forward(skd_run):
     assert skd.metrics["teacher_train_examples"] == 0
     assert skd.metrics["team_steps_full"] + skd.metrics["team_steps_l2"] == 6
     assert skd.extra["team"]["law"] == "uniform" and [m["p"] for m in skd.extra["team"]["members"]] == [0.5, 0.5]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = {r.data.tags.get("mlflow.runName"): r for r in client.search_runs(
+        [e.experiment_id for e in client.search_experiments()])}
+    assert runs["skd"].data.metrics["team_steps_l2"] == skd.metrics["team_steps_l2"]
+    assert runs["team"].data.metrics["l2_level"] == 64
+    shares = client.get_metric_history(runs["skd"].info.run_id, "train/team_l2")  # per log window
+    assert shares and all(0 <= m.value <= 1 for m in shares)
     # Not plain KD from either member: the soft targets changed teacher along the way.
     assert not torch.equal(weights(run_dir / "skd")["classifier.weight"], weights(run_dir / "plain")["classifier.weight"])
 

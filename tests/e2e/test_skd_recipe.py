@@ -1,6 +1,6 @@
 """The shipped SKD recipe (configs/recipes/skd.yaml), reduced with --set, end to end through the real `distill`
 CLI on real WordNet glosses and the real MiniLM teacher: three truncations fine-tuned, three caches over one
-augmentation, the team scored, the student sampling per step; the counts per teacher reach MLflow."""
+augmentation, the team scored, the student sampling per step (MLflow off here: tests/e2e/test_skd.py checks it)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ RECIPE = REPO / "configs" / "recipes" / "skd.yaml"
 TEACHERS = ("teacher_finetune", "teacher_l4", "teacher_l2")
 AUGMENTS = ("augment", "augment_l4", "augment_l2")
 REDUCED = [
-    "stages.wordnet.max_train=200", "stages.wordnet.max_dev=24",
+    "tracking.enabled=false", "stages.wordnet.max_train=100", "stages.wordnet.max_dev=16",
     *[f"stages.{t}.{k}" for t in TEACHERS for k in ("max_steps=2", "batch_size=8", "eval_every=2")],
     *[f"stages.{a}.{k}" for a in AUGMENTS for k in ("n_aug=1", "top_k=2", "batch_size=64")],
     "stages.task.max_steps=4", "stages.task.batch_size=4", "stages.task.latency_repeats=1",
@@ -38,12 +38,3 @@ def test_reduced_skd_recipe_runs_end_to_end(wordnet, tmp_path):  # noqa: F811
     assert task.metrics["teacher_train_examples"] == 0  # cached targets: no teacher forward while training
     assert sum(task.metrics[f"team_steps_{n}"] for n in ("l6", "l4", "l2")) == 4
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
-    runs = {r.data.tags.get("mlflow.runName"): r for r in client.search_runs(
-        [e.experiment_id for e in client.search_experiments()])}
-    assert {"team_steps_l6", "team_p_l2"} <= set(runs["task"].data.metrics)
-    assert runs["team"].data.metrics["l4_level"] == 4 * 384
-    # The per-window share of each teacher, logged while training.
-    assert client.get_metric_history(runs["task"].info.run_id, "train/team_l2")
