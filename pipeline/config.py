@@ -45,6 +45,16 @@ def _record_sources(tree: Any, source: str, prefix=()) -> Sources:
     return sources
 
 
+def _unshared(node: Any) -> Any:
+    """A copy of a YAML tree in which no two keys share a mapping or list: an alias (`*data`) becomes its own
+    copy, so a `--set` on one stage's aliased section leaves the other stages' untouched."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
+
+
 def load_yaml(path: str | Path, _seen: tuple = ()) -> tuple[dict, Sources]:
     """Read a YAML file and its `include:` chain; return the merged tree and where each key came from."""
     path = Path(path)
@@ -53,7 +63,7 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> tuple[dict, Sources]:
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: include cycle through {' -> '.join(str(p) for p in _seen)}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _unshared(yaml.safe_load(path.read_text()) or {})
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

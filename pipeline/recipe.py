@@ -48,7 +48,8 @@ class StageEntry:
     config: Any
 
     def input_fields(self) -> list[str]:
-        """Config fields that name upstream outputs (`metadata={"input": True}`), nested ones as `a.b`."""
+        """Config fields that name upstream outputs (`metadata={"input": True}`), nested ones as `a.b`, those of
+        the i-th section of a list as `a.i.b`."""
 
         def walk(node: Any, prefix: str) -> list[str]:
             names = []
@@ -58,6 +59,10 @@ class StageEntry:
                     names.append(prefix + f.name)
                 elif dataclasses.is_dataclass(value):
                     names += walk(value, f"{prefix}{f.name}.")
+                elif isinstance(value, (list, tuple)):  # a list of sections (a team's members): `a.0.b`
+                    for i, item in enumerate(value):
+                        if dataclasses.is_dataclass(item):
+                            names += walk(item, f"{prefix}{f.name}.{i}.")
             return names
 
         return walk(self.config, "")
@@ -66,7 +71,7 @@ class StageEntry:
         """The value of input field `dotted` (e.g. `data.source`)."""
         node = self.config
         for part in dotted.split("."):
-            node = getattr(node, part)
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
         return node
 
     def input_refs(self) -> dict[str, str]:

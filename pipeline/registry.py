@@ -28,6 +28,7 @@ STAGES: dict[str, str] = {
     "task": "stages.task",
     "dynabert": "stages.dynabert",
     "fastbert": "stages.fastbert",
+    "team": "stages.team",
     "register": "stages.register",
     "report": "stages.report",
     "prune": "stages.prune",

@@ -41,7 +41,7 @@ from pipeline.config import ConfigError
 from pipeline.tracking.base import Recording
 from pipeline.train import device as devices
 from pipeline.train import dist
-from stages.task import loop
+from stages.task import loop, skd
 from stages.task import report as task_report
 
 LAUNCH = "distributed"
@@ -164,7 +164,12 @@ def run(config: Config, ctx):
     if student_folder is not None:
         check_same_vocab(tokenizer, AutoTokenizer.from_pretrained(str(student_folder)), f"student {student_folder}")
     student = loop.build_classifier(student_folder, config.student_init, teacher, num_labels)
-    texts, labels, cached = _training_set(config, ctx, train, teacher_folder, train.label_names, splits.test_split)
+    team = skd.load(config, ctx, tokenizer, train.label_names, student)  # None without `team`
+    if team is not None and team.cached:  # the members' caches are the training set
+        texts, labels, cached = team.texts, team.labels, None
+    else:
+        texts, labels, cached = _training_set(config, ctx, train, teacher_folder, train.label_names,
+                                              splits.test_split)
     ids, types = encode(tokenizer, texts, config.data.max_length)
     labels_out = None if preset.regression else train.label_names
     if ctx.world.rank == 0:  # what `distill export` needs to turn any ckpt/step-N/ into a model folder
@@ -172,7 +177,9 @@ def run(config: Config, ctx):
     recording = Recording(ctx.tracker)  # the loss and dev points the report draws
     counts, student = loop.train(config, dataclasses.replace(ctx, tracker=recording), student, teacher,
                                  (ids, types, labels), cached, tokenizer.pad_token_id, regression=preset.regression,
-                                 evaluate=_dev_evaluation(config, tokenizer, dev, preset))
+                                 evaluate=_dev_evaluation(config, tokenizer, dev, preset), team=team)
+    if team is not None:
+        counts.update(team.counts(len(ids), config.batch_size))
     if ctx.world.rank != 0:
         dist.barrier()  # rank 0 evaluates and writes; this rank's manifest is never written
         return ctx.manifest(config, [], {}, {})
@@ -207,4 +214,6 @@ def run(config: Config, ctx):
              "test_split": splits.test_split,
              "confusion_matrix": {n: results[n].get("confusion_matrix") for n in results},
              "test_confusion_matrix": {n: results[n].get("test_confusion_matrix") for n in results}}
+    if team is not None:
+        extra["team"] = team.describe()
     return ctx.manifest(config, outputs, metrics, extra)

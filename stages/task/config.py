@@ -9,6 +9,7 @@ from formats.taskdata import (
     TaskData,
 )
 from kd.students import StudentConfig
+from kd.teams import SamplerConfig
 from pipeline.train.optim import TrainConfig
 
 
@@ -32,6 +33,11 @@ class Config(TrainConfig):
     """How to build a student from the teacher's layers (used without student / student_path)."""
     augmented: str | None = field(default=None, metadata={"input": True})
     """`augment` stage whose examples (and cached teacher logits) replace the training set."""
+    team: str | None = field(default=None, metadata={"input": True})
+    """`team` stage (`@team`): the prediction step's soft targets come from one member drawn per step (or
+    per example) by `sampler` (SKD, docs/skd.md), cached when the members have caches, else online."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """How the team member is drawn (`kd.teams.SamplerConfig`); read only with `team`."""
     objective: Literal["tinybert", "tinybert_intermediate", "tinybert_prediction", "pkd"] = "tinybert"
     """What to train (see the module docstring)."""
     intermediate_epochs: float = 10.0
@@ -84,13 +90,16 @@ class Config(TrainConfig):
             raise ValueError("give exactly one of teacher (e.g. '@teacher_finetune') or teacher_path")
         if self.student and self.student_path:
             raise ValueError("give student or student_path, not both")
-        if self.objective == "tinybert_prediction" and not self.augmented:
+        if self.objective == "tinybert_prediction" and not (self.augmented or self.team):
             raise ValueError("objective tinybert_prediction reads cached teacher logits: set augmented: '@augment'")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         for name in ("batch_size", "latency_batch_size", "latency_seq_len", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.team and self.objective not in ("tinybert", "tinybert_prediction"):
+            raise ValueError(f"team: objective {self.objective} is not sampled from a team (its layer losses pair "
+                             "one teacher's widths); use tinybert or tinybert_prediction")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.alpha <= 1:

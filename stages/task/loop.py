@@ -148,10 +148,12 @@ def _phase_params(trainee: Trainee, phase: str, trainable: set[str]) -> list:
     return [(n, p) for n, p in named if n in trainable]
 
 
-def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, regression: bool, evaluate=None):
+def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, regression: bool, evaluate=None,
+          team=None):
     """Run the objective's phases through the one trainer; checkpoint every `checkpoint_every` steps (and at the
     end of each phase) into `ckpt/step-N/` and resume from the newest complete one. `evaluate(student)` (dev
-    metrics of the student being trained) runs every `eval_every` steps and at the end of each phase. Returns
+    metrics of the student being trained) runs every `eval_every` steps and at the end of each phase. With a
+    `team` (stages/task/skd.py) the prediction phase's soft targets come from its sampled members. Returns
     (counts with `phases`: name, first global step and steps of each; the trained student: a CPU fp32 copy on
     rank 0, None on the other ranks)."""
     ids, types, labels = data
@@ -181,13 +183,18 @@ def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, r
         trainee.train()
         start = engine.global_step
         seed = ctx.seed * 7919 + index * 101
+        sampled = team is not None and phase != "intermediate"
+        if sampled:
+            team.start_phase(seed, total, settings.device)
 
         def next_batch():
             pick = trainer.example_indices(engine.global_step, n, config.batch_size, seed, world)
             batch = pad_batch([ids[i] for i in pick], [types[i] for i in pick], pad_id)
             batch["labels"] = torch.as_tensor(labels[pick.numpy()])
             want_cls = phase == "pkd"
-            if phase != "intermediate" and cached is not None and (not want_cls or "cls" in cached):
+            if sampled:
+                counts["teacher_train_examples"] += team.fill(batch, engine.global_step, pick)
+            elif phase != "intermediate" and cached is not None and (not want_cls or "cls" in cached):
                 batch["t_logits"] = cached["logits"][pick]
                 if want_cls:
                     batch["t_cls"] = cached["cls"][:, pick]
@@ -197,8 +204,9 @@ def train(config: Config, ctx, student, teacher, data, cached, pad_id: int, *, r
 
         def loss(batch):
             share = dist.global_shares(torch.tensor([len(batch["labels"])], device=batch["labels"].device))[0]
-            value = phase_loss(phase, config, trainee, engine.forward, teacher, batch, regression) * share
-            return value, {"total": value}
+            source = team.teacher(batch, teacher) if sampled else teacher
+            value = phase_loss(phase, config, trainee, engine.forward, source, batch, regression) * share
+            return value, {"total": value, **(team.shares(value) if sampled else {})}
 
         offset = global_step
         trainer.fit(engine, config, total=total, next_batch=next_batch, loss=loss, ctx=ctx, root=root,

@@ -4,7 +4,8 @@ TinyBERT's task distillation needs a teacher fine-tuned on the task, and fine-tu
 released. This stage trains one (AdamW, linear warm-up/decay, evaluation every `eval_every` steps, best dev
 score kept, stop after `patience` evaluations without improvement) and saves it in HF format with its dev
 metrics. With `finetuned: true` the given model already is the task teacher: nothing is trained, it is
-only evaluated and saved, so the rest of the recipe is unchanged.
+only evaluated and saved, so the rest of the recipe is unchanged. With `num_layers: k` only the encoder's first
+k layers are kept before fine-tuning: a smaller member of an SKD teacher team (docs/skd.md).
 
 Training is the one loop of `pipeline.train.trainer` (any device, torch or DeepSpeed ZeRO, several ranks each
 taking its slice of every global batch). Batches are a pure function of (seed, epoch, step), and a
@@ -30,6 +31,7 @@ from formats.taskdata import (
 from formats.testsplit import describe, load_splits
 from kd import metrics as task_metrics
 from kd.teachers import ATTENTION
+from kd.teams import truncate_encoder
 from pipeline import log
 from pipeline.assets import resolve_asset
 from pipeline.config import ConfigError
@@ -121,6 +123,11 @@ def run(config: Config, ctx):
     preset = config.data.preset
     num_labels = 1 if preset.regression else len(train_ex.label_names)
     model = load_classifier(source, num_labels, train_ex.label_names)
+    if config.num_layers is not None:
+        try:
+            truncate_encoder(model, config.num_layers)
+        except ValueError as err:
+            raise ConfigError(f"num_layers: {err} ({config.teacher_path})") from None
     if config.finetuned and getattr(model.config, "num_labels", None) != num_labels:
         raise ConfigError(f"{config.teacher_path}: finetuned: true but its classifier has {model.config.num_labels} "
                           f"labels and the task {num_labels}")

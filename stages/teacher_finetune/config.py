@@ -20,6 +20,8 @@ class Config(TrainConfig):
     """Local HF encoder (folder or pkg: path) with its tokenizer."""
     finetuned: bool = False
     """The model already is fine-tuned on this task (has its classifier): skip training, only evaluate and save."""
+    num_layers: int | None = None
+    """Keep only the first k encoder layers before fine-tuning: a smaller teacher for an SKD team (docs/skd.md)."""
     data: TaskData = field(default_factory=TaskData)
     """Task data (train and dev)."""
     epochs: int = 3
@@ -47,6 +49,8 @@ class Config(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
         for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
