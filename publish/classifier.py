@@ -12,6 +12,7 @@ nothing else changes.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -118,16 +119,17 @@ def _load_hf(name: str, folder: Path) -> Classifier:
     return Classifier(name, folder, labels, model, AutoTokenizer.from_pretrained(str(folder)))
 
 
-def _is_early_exit(folder: Path) -> bool:
-    from publish import early_exit_classifier
+EARLY_EXIT = "publish.early_exit_classifier"
+"""The early-exit kind's module, named by a string like the registry's stages: it subclasses Classifier, so it
+imports this module, and this one reaches it only when a folder is tried."""
 
-    return early_exit_classifier.claims(folder)
+
+def _is_early_exit(folder: Path) -> bool:
+    return importlib.import_module(EARLY_EXIT).claims(folder)
 
 
 def _load_early_exit(name: str, folder: Path) -> Classifier:
-    from publish import early_exit_classifier  # imports this module: loaded only when needed
-
-    return early_exit_classifier.load(name, folder)
+    return importlib.import_module(EARLY_EXIT).load(name, folder)
 
 
 LOADERS: list[Loader] = [Loader("fastbert-early-exit", _is_early_exit, _load_early_exit),

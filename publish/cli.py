@@ -59,7 +59,14 @@ def cmd_predict(args) -> int:
             lines = Path(args.input).read_text().splitlines()
         except OSError as err:
             raise ConfigError(f"{args.input}: cannot read it ({err.strerror})") from None
-    found = predict.rows(model, lines) if model is not None else predict.early_exit_rows(args.model, lines, args.speed)
+    if model is None:
+        from publish import classifier
+
+        early = classifier.load(args.model)
+        early.with_speed(args.speed)  # refuses (one line) a folder that is not early-exit
+        found = predict.early_exit_rows(early, lines)
+    else:
+        found = predict.rows(model, lines)
     for row in found:
         print(predict.dumps(row))
     return 0

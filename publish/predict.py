@@ -57,13 +57,9 @@ def rows(model, lines: Iterable[str]) -> Iterator[dict]:
             yield {"text": text, **(record if isinstance(record, dict) else {"output": record})}
 
 
-def early_exit_rows(given: str, lines: Iterable[str], speed: float | None) -> Iterator[dict]:
-    """Like `rows`, through a fastbert stage's early-exit model at speed threshold `speed` (None: its default,
-    chosen on dev): the text, label, score (softmax probability of the label) and the layer it exited at."""
-    from publish import classifier
-
-    model = classifier.load(given)
-    model.with_speed(speed)  # refuses (one line) a folder that is not early-exit
+def early_exit_rows(model, lines: Iterable[str]) -> Iterator[dict]:
+    """Like `rows`, through a loaded early-exit Classifier (`publish.classifier.load(...).with_speed(S)`): the text,
+    label, score (softmax probability of the label) and the layer it exited at."""
     texts = [line.rstrip("\n") for line in lines if line.strip()]
     for start in range(0, len(texts), BATCH):
         chunk = texts[start:start + BATCH]
