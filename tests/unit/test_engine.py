@@ -151,7 +151,7 @@ def test_zero_offload_trains_and_resumes_bit_equal(tmp_path):
         assert torch.equal(second.state_dict_for_export()[name], tensor), name
 
 
-TRAINING_STAGES = ("teacher_adapt", "general", "teacher_finetune", "task", "prune", "fastbert", "dynabert")
+TRAINING_STAGES = ("teacher_adapt", "general", "teacher_finetune", "task", "prune", "fastbert", "dynabert", "extract")
 
 
 @pytest.mark.parametrize("stage", TRAINING_STAGES)
