@@ -20,6 +20,7 @@ the cache is synthetic top-32 rows at the masks the loader recomputes, written w
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -177,8 +178,11 @@ print(json.dumps({"base": base, "peak": max(peak, base), "samples": loader.reade
 def _rss_added(shard_dir: Path, cache_dir: Path, manifest, buffer: int) -> tuple[int, int]:
     """(peak RSS the loader added over one epoch, corpus samples), in a fresh process."""
     plain = {"extra": manifest.extra, "outputs": [vars(o) for o in manifest.outputs]}
+    # One malloc arena, and blocks over 64 KiB (decoded shards, batches) mapped and unmapped on free: RSS then
+    # follows what is live instead of what fragmentation left behind, which at this size is the whole signal.
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(shard_dir), str(cache_dir), json.dumps(plain), str(buffer)],
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent, env=env)
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     return figures["peak"] - figures["base"], figures["samples"]
 

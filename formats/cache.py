@@ -66,9 +66,17 @@ def _shuffle(array: np.ndarray) -> bytes:
     return flat.view(np.uint8).reshape(-1, flat.dtype.itemsize).T.tobytes()
 
 
-def _unshuffle(data: bytes, dtype: np.dtype, count: int) -> np.ndarray:
+def _unshuffle(data, dtype: np.dtype, count: int) -> np.ndarray:
+    """`_shuffle` undone: plane i holds byte i (little-endian) of every element; the planes are added up as
+    unsigned integers, which is many times faster than a transposed byte copy."""
     planes = np.frombuffer(data, dtype=np.uint8).reshape(dtype.itemsize, count)
-    return np.ascontiguousarray(planes.T).reshape(-1).view(dtype)
+    if dtype.itemsize == 1:
+        return planes[0].copy().view(dtype)
+    unsigned = np.dtype(f"<u{dtype.itemsize}")
+    out = planes[0].astype(unsigned)
+    for i in range(1, dtype.itemsize):
+        out |= planes[i].astype(unsigned) << unsigned.type(8 * i)
+    return out.view(dtype)
 
 
 def _columns(records: list[CacheRecord], vocab_size: int, max_seq_len: int) -> dict[str, np.ndarray]:
@@ -151,7 +159,7 @@ def decode_shard(data: bytes, path: Path) -> tuple[dict, dict[str, np.ndarray]]:
         body = zstandard.ZstdDecompressor().decompress(data[start:])
     except zstandard.ZstdError as err:
         raise ManifestError(f"{path}: corrupt cache-shard body ({err}); rerun the cache stage with --force") from None
-    cols, offset = {}, 0
+    cols, offset, body = {}, 0, memoryview(body)
     for name, dtype_str, tail, size in header["columns"]:
         dtype = np.dtype(dtype_str)
         nbytes = size * dtype.itemsize
@@ -282,6 +290,23 @@ def check_sample_temperature(cache_manifest, temperature: float) -> None:
                           f"sample_temperature: {temperature:g}")
 
 
+@dataclass(frozen=True)
+class _Decoded:
+    """A decoded cache shard as CacheLookup holds it."""
+
+    header: dict
+    packed: np.ndarray
+    """The row-level columns side by side, uint8 [masked rows, bytes per row]: one copy gathers a shard's rows."""
+    cols: dict[str, np.ndarray]
+    """Each column: a view into `packed` (`cls_hidden`, one row per sample, is its own array)."""
+    bounds: np.ndarray
+    """int64 [samples + 1]: sample i's masked rows are bounds[i]:bounds[i + 1]."""
+    row_of: dict[str, int]
+    """Sample key -> its place in the shard (a shard's keys only: the lookup holds `capacity` shards)."""
+    starts: list[int]
+    counts: list[int]
+
+
 class CacheLookup:
     """A split's teacher-cache records found from each sample's key, with a bounded set of decoded shards.
 
@@ -294,28 +319,62 @@ class CacheLookup:
         self.cache_dir, self.capacity = Path(cache_dir), max(1, int(capacity))
         self._shards = {Path(rel).name[: -len(SUFFIX)]: rel for rel in manifest.extra["splits"][split]["shards"]}
         self._hashes = {out.path: out.sha256 for out in manifest.outputs}
-        self._loaded: dict[str, tuple[dict, dict[str, np.ndarray], np.ndarray]] = {}
+        self._loaded: dict[str, _Decoded] = {}
         self._verified: set[str] = set()
+        self._layout: tuple | None = None
 
-    def _shard(self, key: str) -> tuple[tuple[dict, dict, np.ndarray], int]:
-        """(decoded shard, row of the key in it); ManifestError when the cache has no record for the key."""
-        stem, _, index = key.rpartition("-")
+    def _decoded(self, key: str) -> _Decoded:
+        """The decoded cache shard that should hold `key`; ManifestError when the cache has none."""
+        stem = key.rpartition("-")[0]
+        decoded = self._loaded.get(stem)
+        if decoded is not None:
+            return decoded
         rel = self._shards.get(stem)
-        if rel is None or not index.isdigit():
+        if rel is None:
             raise ManifestError(f"{self.cache_dir}: no cache record for sample {key!r} (cache and corpus differ)")
-        if stem not in self._loaded:
-            path = self.cache_dir / rel
-            self._check(path, rel)
-            if len(self._loaded) >= self.capacity:
-                self._loaded.pop(next(iter(self._loaded)))  # oldest first: readers move through shards in order
-            header, cols = decode_shard(path.read_bytes(), path)
-            self._loaded[stem] = (header, cols, np.concatenate([[0], np.cumsum(header["n_masked"], dtype=np.int64)]))
-        decoded, row = self._loaded[stem], int(index)
-        keys = decoded[0]["keys"]
-        if row >= len(keys) or keys[row] != key:
-            raise ManifestError(f"{self.cache_dir / rel}: no record for sample {key!r} at row {row} "
-                                "(cache and corpus differ); rebuild the cache")
+        path = self.cache_dir / rel
+        self._check(path, rel)
+        if len(self._loaded) >= self.capacity:
+            self._loaded.pop(next(iter(self._loaded)))  # oldest first: readers move through shards in order
+        header, cols = decode_shard(path.read_bytes(), path)
+        packed, cols = self._pack(cols, path)
+        bounds = np.concatenate([[0], np.cumsum(header["n_masked"], dtype=np.int64)])
+        decoded = _Decoded(header=header, packed=packed, cols=cols, bounds=bounds,
+                           row_of={k: i for i, k in enumerate(header["keys"])}, starts=bounds[:-1].tolist(),
+                           counts=np.diff(bounds).tolist())
+        self._loaded[stem] = decoded
+        return decoded
+
+    def _row(self, key: str) -> tuple[_Decoded, int]:
+        decoded = self._decoded(key)
+        row = decoded.row_of.get(key)
+        if row is None:
+            raise ManifestError(f"{self.cache_dir / self._shards[key.rpartition('-')[0]]}: no record for sample "
+                                f"{key!r} (cache and corpus differ); rebuild the cache")
         return decoded, row
+
+    def _pack(self, cols: dict[str, np.ndarray], path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The row-level columns packed side by side, and the columns as views of the packed rows."""
+        names = [name for name in cols if name != "cls_hidden"]
+        layout = tuple((name, cols[name].dtype.str, cols[name].shape[1:]) for name in names)
+        if self._layout is None:
+            self._layout = layout
+        elif layout != self._layout:
+            raise ManifestError(f"{path}: its columns differ from the split's other cache shards; rebuild the cache")
+        rows = len(cols[names[0]]) if names else 0
+        flat = [np.ascontiguousarray(cols[n]).reshape(rows, int(np.prod(cols[n].shape[1:], dtype=np.int64))) for n in names]
+        packed = np.concatenate([f.view(np.uint8) for f in flat], axis=1) if names else np.zeros((0, 0), np.uint8)
+        return packed, {**self._unpack(packed), **({"cls_hidden": cols["cls_hidden"]} if "cls_hidden" in cols else {})}
+
+    def _unpack(self, packed: np.ndarray) -> dict[str, np.ndarray]:
+        """The columns of packed rows, as views."""
+        out, offset = {}, 0
+        for name, dtype_str, tail in self._layout or ():
+            dtype = np.dtype(dtype_str)
+            width = dtype.itemsize * int(np.prod(tail, dtype=np.int64))
+            out[name] = packed[:, offset:offset + width].view(dtype).reshape(len(packed), *tail)
+            offset += width
+        return out
 
     def _check(self, path: Path, rel: str) -> None:
         """Re-hash a shard against the cache manifest once before trusting it: a flipped byte may still decode."""
@@ -330,8 +389,8 @@ class CacheLookup:
 
     def record(self, key: str) -> CacheRecord:
         """The cache record of one sample key."""
-        (header, cols, bounds), i = self._shard(key)
-        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        decoded, i = self._row(key)
+        cols, lo, hi = decoded.cols, int(decoded.bounds[i]), int(decoded.bounds[i + 1])
         return CacheRecord(
             key=key, positions=cols["positions"][lo:hi].astype(np.int64), topk_ids=cols["topk_ids"][lo:hi],
             topk_logp=cols["topk_logp"][lo:hi], tail_logmass=cols["tail_logmass"][lo:hi],
@@ -341,37 +400,36 @@ class CacheLookup:
             tail_logmass_t=cols["tail_logmass_t"][lo:hi] if "tail_logmass_t" in cols else None)
 
     def gather(self, keys: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(masked rows per key, row-level columns of all keys concatenated in key order), one copy per column."""
-        groups: dict[str, list[int]] = {}
-        for j, key in enumerate(keys):
-            groups.setdefault(key.rpartition("-")[0], []).append(j)
-        plan = []  # (columns, members, rows in their shard, bounds) per cache shard
-        n = np.zeros(len(keys), dtype=np.int64)
-        for members in groups.values():
-            (header, cols, bounds), first = self._shard(keys[members[0]])
-            index = [keys[j].rpartition("-")[2] for j in members[1:]]
-            rows = np.array([first] + [int(i) if i.isdigit() else -1 for i in index], dtype=np.int64)
-            names = header["keys"]
-            if (int(rows.min()) < 0 or int(rows.max()) >= len(names)
-                    or any(names[r] != keys[j] for r, j in zip(rows.tolist(), members))):
-                for j in members:
-                    self._shard(keys[j])  # raises the one-line error naming the key
-            members = np.array(members)
-            n[members] = bounds[rows + 1] - bounds[rows]
-            plan.append((cols, members, rows, bounds))
-        dest_start = np.concatenate([[0], np.cumsum(n)])
-        out: dict[str, np.ndarray] = {}
-        for cols, members, rows, bounds in plan:
-            counts = n[members]
-            inner = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-            source, dest = np.repeat(bounds[rows], counts) + inner, np.repeat(dest_start[members], counts) + inner
-            for name, column in cols.items():
-                if name == "cls_hidden":
-                    continue  # one row per sample, not per masked position; `record` has it
-                if name not in out:
-                    out[name] = np.empty((int(dest_start[-1]), *column.shape[1:]), dtype=column.dtype)
-                out[name][dest] = column[source]
-        return n, out
+        """(masked rows per key, row-level columns of all keys concatenated in key order).
+
+        One pass over the keys finds each one's shard and rows; the index arithmetic is then done once for the
+        batch, and each cache shard the batch touches costs one copy of its packed rows.
+        """
+        slots: dict[int, int] = {}
+        shards: list[_Decoded] = []
+        slot_of, starts, counts = [], [], []
+        for key in keys:
+            decoded, row = self._row(key)
+            slot = slots.setdefault(id(decoded), len(shards))
+            if slot == len(shards):
+                shards.append(decoded)
+            slot_of.append(slot)
+            starts.append(decoded.starts[row])
+            counts.append(decoded.counts[row])
+        n = np.array(counts, dtype=np.int64)
+        slot_of = np.array(slot_of, dtype=np.int64)
+        order = np.argsort(slot_of, kind="stable")
+        dest_start = np.cumsum(n) - n
+        sizes = n[order]
+        inner = np.arange(int(n.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        source = np.repeat(np.array(starts, dtype=np.int64)[order], sizes) + inner
+        dest = np.repeat(dest_start[order], sizes) + inner
+        cuts = np.concatenate([[0], np.cumsum(np.bincount(slot_of, weights=n, minlength=len(shards)).astype(np.int64))])
+        width = shards[0].packed.shape[1] if shards else 0
+        out = np.empty((int(n.sum()), width), dtype=np.uint8)
+        for decoded, a, b in zip(shards, cuts[:-1].tolist(), cuts[1:].tolist()):
+            out[dest[a:b]] = decoded.packed[source[a:b]]
+        return n, self._unpack(out)
 
 
 def decoded_capacity(manifest, split: str, shuffle_buffer: int, windows: int = 1) -> int:
@@ -407,7 +465,7 @@ class CachedCorpus:
             from pipeline.config import ConfigError
 
             raise ConfigError(f"cache {self.manifest.name!r} has no {split!r} split (has: {', '.join(self.manifest.extra['splits'])})")
-        self.spec = MaskSpec.from_dict(self.manifest.extra["mask"])
+        self.spec = MaskSpec.from_dict(self.manifest.extra["mask"], f"{self.cache_dir}")
         self.vocab_size = int(self.manifest.extra["provenance"]["teacher_vocab_size"])
         self.masker = Masker(self.spec, corpus.load_tokenizer(self.corpus_dir) if self.spec.whole_word else None)
         self.reader = corpus.CorpusReader(self.corpus_dir, split, **reader_kwargs)

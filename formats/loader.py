@@ -31,13 +31,18 @@ global position) of its last sample; removed when the parts are merged. A worker
 or ConfigError sends its name and message instead."""
 
 
-def pad_rows(flat: np.ndarray, lengths: np.ndarray, value: int) -> torch.Tensor:
-    """Concatenated rows of `lengths` into a [rows, longest] int64 tensor padded with `value`, vectorised."""
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    cols = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out = np.full((len(lengths), int(lengths.max())), value, dtype=np.int64)
-    out[rows, cols] = flat
-    return torch.from_numpy(out)
+def _cells(lengths: np.ndarray) -> np.ndarray:
+    """Flat indices, in a [rows, longest] grid, of the cells that concatenated rows of `lengths` fill."""
+    width = int(lengths.max())
+    return np.arange(int(lengths.sum())) + np.repeat(np.arange(len(lengths)) * width - (np.cumsum(lengths) - lengths),
+                                                     lengths)
+
+
+def _padded(flat: np.ndarray, lengths: np.ndarray, value: int, cells: np.ndarray) -> np.ndarray:
+    """Concatenated rows of `lengths` as a [rows, longest] int64 array padded with `value`."""
+    out = np.full(len(lengths) * int(lengths.max()), value, dtype=np.int64)
+    out[cells] = flat
+    return out.reshape(len(lengths), -1)
 
 
 def collate_masked(masked: MaskedBatch, pad_id: int, cache: tuple | None = None) -> dict[str, torch.Tensor]:
@@ -47,10 +52,12 @@ def collate_masked(masked: MaskedBatch, pad_id: int, cache: tuple | None = None)
     `stages.general.data.make_batch`.
     """
     lengths = masked.lengths
-    input_ids = pad_rows(masked.input_ids, lengths, pad_id)
-    attention_mask = (torch.arange(input_ids.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]).long()
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-             "token_type_ids": pad_rows(masked.token_type_ids, lengths, 0),
+    cells = _cells(lengths)  # one index for the three padded tensors
+    attention_mask = np.zeros(len(lengths) * int(lengths.max()), dtype=np.int64)
+    attention_mask[cells] = 1
+    batch = {"input_ids": torch.from_numpy(_padded(masked.input_ids, lengths, pad_id, cells)),
+             "attention_mask": torch.from_numpy(attention_mask.reshape(len(lengths), -1)),
+             "token_type_ids": torch.from_numpy(_padded(masked.token_type_ids, lengths, 0, cells)),
              "rows": torch.from_numpy(np.repeat(np.arange(len(lengths)), masked.n_masked)),
              "cols": torch.from_numpy(masked.positions.astype(np.int64)),
              "labels": torch.from_numpy(masked.labels.astype(np.int64))}

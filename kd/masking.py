@@ -7,10 +7,22 @@ made over words (a word-start token plus its `##` continuations), as in BERT's l
 Nothing here depends on batch composition, worker count or process: the random stream of a sample comes
 from a hash of the seed and its key only, so the cache never has to store the masked input.
 
-`mask_batch` is the loader's path: the same masks as `mask_sample`, bit for bit (so caches written by either
-stay valid), with the per-sample work cut to the random draws themselves. Seeding a fresh `PCG64` per sample
-costs more than the draws; `seed_states` computes numpy's own seeding (SeedSequence, then PCG64's
-set-seed) for a whole batch at once and one reused Generator is re-pointed at each state.
+Two schemes, recorded in every cache manifest's `mask` block (`scheme`; a block without it is scheme 1):
+
+- Scheme 1, what every cache before scheme 2 was written with: a numpy `PCG64` stream per sample, seeded from
+  sha256(seed, key). `mask_batch` gives exactly `mask_sample`'s masks; `seed_states` computes numpy's own
+  seeding for a whole batch at once, and one reused Generator is re-pointed at each state, but the draws stay a
+  few numpy calls per sample (~25 us).
+- Scheme 2, the default for new caches and online runs: counter-based. Every draw is a hash (splitmix64) of
+  the sample's 64-bit key hash, the position and the draw's purpose, so a whole batch is a few array passes with
+  no per-sample call. A token's choice score, its 80/10/10 roll and its random id are three such hashes; the
+  chosen positions are the maskable ones with the `target` smallest scores (a uniformly random subset, like
+  scheme 1's permutation). Whole words: a word's score is its first piece's, and words are taken in score
+  order while they fit `target` (the first always), stopping at the first that would overshoot (BERT skips it
+  and tries smaller ones, so scheme 2 masks at most as many pieces).
+
+A cache is always read with the scheme it was written with, so old caches stay valid; a scheme this code does
+not know is refused in one line.
 """
 
 from __future__ import annotations
@@ -21,10 +33,16 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import ConfigError
+
 REPLACE_MASK = 0.8
 """Share of chosen positions that become [MASK]."""
 REPLACE_RANDOM = 0.1
 """Share of chosen positions that become a random token (the rest keep their token)."""
+SCHEMES = (1, 2)
+"""Masking schemes this code reproduces (see the module docstring)."""
+MASK_SCHEME = 2
+"""The scheme new caches and online runs use."""
 
 
 @dataclass(frozen=True)
@@ -170,13 +188,16 @@ def _choose(maskable: np.ndarray, ids: np.ndarray, rng: np.random.Generator, rat
 
 
 def mask_sample(sample: Any, *, mask_seed: int, rate: float, mask_id: int, vocab_size: int,
-                special_ids: np.ndarray, word_start: np.ndarray | None = None) -> MaskedSample:
+                special_ids: np.ndarray, word_start: np.ndarray | None = None, scheme: int = 1) -> MaskedSample:
     """Mask one corpus sample (anything with `key` and `input_ids`), deterministically from (mask_seed, key).
 
     80% of the chosen positions become `mask_id`, 10% a uniformly random id in [0, vocab_size), 10% stay.
     """
     if not 0 < rate < 1:
         raise ValueError(f"mask rate must be in (0, 1), got {rate}")
+    if scheme != 1:
+        return mask_batch([sample], mask_seed=mask_seed, rate=rate, mask_id=mask_id, vocab_size=vocab_size,
+                          special_ids=special_ids, word_start=word_start, scheme=scheme).sample(0)
     ids = np.asarray(sample.input_ids)
     rng = sample_rng(mask_seed, sample.key)
     positions = choose_positions(ids, rng, rate=rate, special_ids=np.asarray(special_ids), word_start=word_start)
@@ -202,18 +223,31 @@ class MaskSpec:
     mask_id: int
     vocab_size: int
     special_ids: tuple[int, ...]
+    scheme: int = MASK_SCHEME
+    """How the masks are drawn (SCHEMES); a manifest block without it is scheme 1."""
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"masking scheme {self.scheme} is not one this code knows ({', '.join(map(str, SCHEMES))}); "
+                             "upgrade distill or rebuild the cache")
 
     def to_dict(self) -> dict:
         """Plain data for a manifest's `mask` block."""
         return {"mask_seed": self.mask_seed, "rate": self.rate, "whole_word": self.whole_word,
-                "mask_id": self.mask_id, "vocab_size": self.vocab_size, "special_ids": list(self.special_ids)}
+                "mask_id": self.mask_id, "vocab_size": self.vocab_size, "special_ids": list(self.special_ids),
+                "scheme": self.scheme}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MaskSpec":
-        """Inverse of `to_dict`."""
+    def from_dict(cls, data: dict, where: str = "the cache manifest") -> "MaskSpec":
+        """Inverse of `to_dict`; a block written before schemes existed is scheme 1. A scheme this code does not
+        know is a ConfigError naming `where`."""
+        scheme = int(data.get("scheme", 1))
+        if scheme not in SCHEMES:
+            raise ConfigError(f"{where}: masking scheme {scheme} is newer than this code knows "
+                              f"({', '.join(map(str, SCHEMES))}); upgrade distill or rebuild the cache")
         return cls(mask_seed=int(data["mask_seed"]), rate=float(data["rate"]), whole_word=bool(data["whole_word"]),
                    mask_id=int(data["mask_id"]), vocab_size=int(data["vocab_size"]),
-                   special_ids=tuple(int(i) for i in data["special_ids"]))
+                   special_ids=tuple(int(i) for i in data["special_ids"]), scheme=scheme)
 
 
 @dataclass(frozen=True)
@@ -246,17 +280,28 @@ class MaskedBatch:
 
 
 def mask_batch(samples: list, *, mask_seed: int, rate: float, mask_id: int, vocab_size: int,
-               special_ids: np.ndarray, word_start: np.ndarray | None = None) -> MaskedBatch:
-    """`mask_sample` over a batch, identical masks; the per-sample cost is the draws alone."""
+               special_ids: np.ndarray, word_start: np.ndarray | None = None, scheme: int = 1) -> MaskedBatch:
+    """`mask_sample` over a batch, identical masks; the per-sample cost is the draws alone (scheme 1) or nothing
+    but a key hash (scheme 2)."""
     if not 0 < rate < 1:
         raise ValueError(f"mask rate must be in (0, 1), got {rate}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"masking scheme {scheme} is not one this code knows ({', '.join(map(str, SCHEMES))})")
     lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
     ids = np.concatenate([np.asarray(s.input_ids) for s in samples]).astype(np.int32, copy=False)
     types = [getattr(s, "token_type_ids", None) for s in samples]
-    token_types = np.concatenate([np.zeros(n, np.uint8) if t is None else np.asarray(t, np.uint8)
-                                  for t, n in zip(types, lengths)])
+    if all(t is not None for t in types):
+        token_types = np.concatenate(types).astype(np.uint8, copy=False)
+    else:
+        token_types = np.concatenate([np.zeros(n, np.uint8) if t is None else np.asarray(t, np.uint8)
+                                      for t, n in zip(types, lengths)])
     starts = np.concatenate([[0], np.cumsum(lengths)])
-    maskable = np.flatnonzero(~np.isin(ids, special_ids))
+    maskable = _maskable(ids, special_ids)
+    if scheme == 2:
+        flat, n_masked, roll, random_ids = _counter_draws([s.key for s in samples], ids, starts, maskable, mask_seed=mask_seed,
+                                                          rate=rate, vocab_size=vocab_size, word_start=word_start)
+        local = flat - np.repeat(starts[:-1], n_masked)
+        return _apply(samples, ids, token_types, lengths, local, flat, n_masked, roll, random_ids, mask_id)
     cuts = np.searchsorted(maskable, starts)
     rng = np.random.Generator(np.random.PCG64(0))
     digests = b"".join(hashlib.sha256(f"mask\0{int(mask_seed)}\0{s.key}".encode()).digest()[:16] for s in samples)
@@ -279,7 +324,13 @@ def mask_batch(samples: list, *, mask_seed: int, rate: float, mask_id: int, voca
     n_masked = np.fromiter((p.size for p in positions), dtype=np.int64, count=len(positions))
     local = np.concatenate(positions) if positions else np.zeros(0, np.int64)
     flat = local + np.repeat(starts[:-1], n_masked)
-    roll, random_ids = np.concatenate(rolls), np.concatenate(randoms)
+    roll = np.concatenate(rolls) if rolls else np.zeros(0)
+    random_ids = np.concatenate(randoms) if randoms else np.zeros(0, np.int64)
+    return _apply(samples, ids, token_types, lengths, local, flat, n_masked, roll, random_ids, mask_id)
+
+
+def _apply(samples, ids, token_types, lengths, local, flat, n_masked, roll, random_ids, mask_id) -> MaskedBatch:
+    """The masked batch from the chosen positions and their draws: 80% [MASK], 10% a random id, 10% kept."""
     labels = ids[flat].astype(np.int64)
     masked = ids.copy()
     masked[flat[roll < REPLACE_MASK]] = mask_id
@@ -287,6 +338,118 @@ def mask_batch(samples: list, *, mask_seed: int, rate: float, mask_id: int, voca
     masked[flat[swap]] = random_ids[swap]
     return MaskedBatch(keys=[s.key for s in samples], input_ids=masked, token_type_ids=token_types, lengths=lengths,
                        positions=local.astype(np.int64), n_masked=n_masked, labels=labels)
+
+
+_GAMMA, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_CHOOSE, _ROLL, _RANDOM = 0, 1, 2
+"""Purposes of a position's three scheme-2 draws (the low two bits of its counter)."""
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's output function on uint64 (wrapping arithmetic): a well-mixed 64-bit hash of each value."""
+    z = x + _GAMMA
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def key_hashes(mask_seed: int, keys: list[str]) -> np.ndarray:
+    """Scheme 2's per-sample uint64: the first 8 bytes of sha256("mask2", seed, key)."""
+    head = f"mask2\0{int(mask_seed)}\0".encode()
+    digests = b"".join(hashlib.sha256(head + k.encode()).digest()[:8] for k in keys)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
+_COUNTERS = np.zeros((3, 0), dtype=np.uint64)
+"""splitmix64 of each (position, purpose) counter, grown on demand: the half of a draw that is the same for
+every sample."""
+
+
+def _counter_hashes(length: int) -> np.ndarray:
+    """[3, >= length] hashes of the counters (position << 2 | purpose)."""
+    global _COUNTERS
+    if _COUNTERS.shape[1] < length:
+        size = max(length, 2 * _COUNTERS.shape[1], 512)
+        positions = np.arange(size, dtype=np.uint64) << np.uint64(2)
+        _COUNTERS = np.stack([_splitmix(positions | np.uint64(purpose)) for purpose in (_CHOOSE, _ROLL, _RANDOM)])
+    return _COUNTERS
+
+
+def _draw(base: np.ndarray, position: np.ndarray, purpose: int) -> np.ndarray:
+    """The uint64 draw of (sample hash, position within the sample, purpose)."""
+    counters = _counter_hashes(int(position.max()) + 1 if position.size else 0)
+    return _splitmix(base ^ counters[purpose][position])
+
+
+_LAST = np.uint64(2**64 - 1)
+"""Score of an empty cell of the per-sample grid: after every real unit."""
+
+
+def _counter_draws(keys: list[str], ids: np.ndarray, starts: np.ndarray, maskable: np.ndarray, *, mask_seed: int,
+                   rate: float, vocab_size: int, word_start: np.ndarray | None):
+    """Scheme 2 for a batch: (flat chosen positions ascending, chosen per sample, rolls in [0, 1), random ids).
+
+    A unit is a maskable token (or a whole word); each sample's units sit in one row of a [samples, units]
+    grid of choice scores, so choosing is one sort along the rows.
+    """
+    n = len(keys)
+    base = key_hashes(mask_seed, keys)
+    counts = np.diff(np.searchsorted(maskable, starts))
+    owner = np.repeat(np.arange(n), counts)  # sample of each maskable position
+    local = maskable - starts[owner]
+    target = np.maximum(1, np.round(rate * counts)).astype(np.int64)
+    if word_start is None:
+        unit_owner, unit_local, unit_of = owner, local, None
+    else:
+        # A word: a word-start piece (or a sample's first maskable position, or one after a gap) and the
+        # continuation pieces right after it; unknown ids start words.
+        piece = ids[maskable]
+        known = piece < len(word_start)
+        begins = ~known | word_start[np.where(known, piece, 0)]
+        if maskable.size:
+            begins[0] = True
+            begins[1:] |= (np.diff(maskable) != 1) | (np.diff(owner) != 0)
+        unit_of = np.cumsum(begins) - 1  # word of each maskable position
+        heads = np.flatnonzero(begins)
+        unit_owner, unit_local = owner[heads], local[heads]
+    score = _draw(base[unit_owner], unit_local, _CHOOSE)
+    units = np.bincount(unit_owner, minlength=n)
+    col = np.arange(unit_owner.size) - np.repeat(np.cumsum(units) - units, units)
+    grid = np.full((n, max(int(units.max()) if n else 0, 1)), _LAST, dtype=np.uint64)
+    grid[unit_owner, col] = score
+    if unit_of is None:
+        # The target smallest scores of each row (64-bit scores do not tie in practice).
+        cutoff = np.sort(grid, axis=1)[np.arange(n), np.minimum(target, grid.shape[1]) - 1]
+        taken = score <= cutoff[unit_owner]
+    else:
+        # Words in score order while they fit the target (the first always); stop at the first that overshoots.
+        sizes = np.zeros(grid.shape, dtype=np.int64)
+        sizes[unit_owner, col] = np.diff(np.append(heads, maskable.size))
+        order = np.argsort(grid, axis=1, kind="stable")
+        fits = np.cumsum(np.take_along_axis(sizes, order, axis=1), axis=1) <= target[:, None]
+        fits[:, 0] = True
+        take = np.zeros(grid.shape, dtype=bool)
+        np.put_along_axis(take, order, fits, axis=1)
+        taken = take[unit_owner, col][unit_of]
+    flat = maskable[taken]
+    chosen_owner, chosen_local = owner[taken], local[taken]
+    n_masked = np.bincount(chosen_owner, minlength=n).astype(np.int64)
+    chosen_base = base[chosen_owner]
+    roll = (_draw(chosen_base, chosen_local, _ROLL) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    random_ids = ((_draw(chosen_base, chosen_local, _RANDOM) >> np.uint64(32)) * np.uint64(vocab_size)
+                  >> np.uint64(32)).astype(np.int64)
+    return flat.astype(np.int64), n_masked, roll, random_ids
+
+
+def _maskable(ids: np.ndarray, special_ids: np.ndarray) -> np.ndarray:
+    """Flat indices of the non-special ids (a comparison per special id: faster than np.isin for a few)."""
+    special_ids = np.asarray(special_ids)
+    if special_ids.size > 16:
+        return np.flatnonzero(~np.isin(ids, special_ids))
+    keep = np.ones(ids.shape, dtype=bool)
+    for special in special_ids.tolist():
+        keep &= ids != special
+    return np.flatnonzero(keep)
 
 
 class Masker:
@@ -303,18 +466,20 @@ class Masker:
 
     def __call__(self, sample: Any) -> MaskedSample:
         return mask_sample(sample, mask_seed=self.spec.mask_seed, rate=self.spec.rate, mask_id=self.spec.mask_id,
-                           vocab_size=self.spec.vocab_size, special_ids=self.special_ids, word_start=self.word_start)
+                           vocab_size=self.spec.vocab_size, special_ids=self.special_ids, word_start=self.word_start,
+                           scheme=self.spec.scheme)
 
     def batch(self, samples: list) -> MaskedBatch:
         """`mask_batch` with this spec: the same masks as calling the masker on each sample."""
         return mask_batch(samples, mask_seed=self.spec.mask_seed, rate=self.spec.rate, mask_id=self.spec.mask_id,
-                          vocab_size=self.spec.vocab_size, special_ids=self.special_ids, word_start=self.word_start)
+                          vocab_size=self.spec.vocab_size, special_ids=self.special_ids, word_start=self.word_start,
+                          scheme=self.spec.scheme)
 
 
 def mask_spec_from_corpus(corpus_extra: dict, tokenizer: Any, *, mask_seed: int, rate: float,
-                          whole_word: bool) -> MaskSpec:
+                          whole_word: bool, scheme: int = MASK_SCHEME) -> MaskSpec:
     """A MaskSpec for a shard stage's output: ids from its manifest extra, special ids from its tokenizer."""
     specials = set(int(i) for i in tokenizer.all_special_ids)
     specials.update(int(corpus_extra[k]) for k in ("pad_id", "cls_id", "sep_id", "mask_id") if k in corpus_extra)
     return MaskSpec(mask_seed=mask_seed, rate=rate, whole_word=whole_word, mask_id=int(corpus_extra["mask_id"]),
-                    vocab_size=int(corpus_extra["vocab_size"]), special_ids=tuple(sorted(specials)))
+                    vocab_size=int(corpus_extra["vocab_size"]), special_ids=tuple(sorted(specials)), scheme=scheme)

@@ -71,7 +71,7 @@ def prepare(config: Config, ctx) -> Setup:
     elif config.loss.soft:
         column = tail_column(cache, config.temperature)
     return Setup(corpus_dir=corpus_dir, corpus_extra=extra, tokenizer=tokenizer, teacher_dir=teacher_dir,
-                 teacher=teacher, online=online, mask=MaskSpec.from_dict(cache.extra["mask"]),
+                 teacher=teacher, online=online, mask=MaskSpec.from_dict(cache.extra["mask"], f"cache {cache.name!r}"),
                  cache_dir=ctx.input_dir("cache"), cache_has_valid="valid" in cache.extra["splits"],
                  tail_column=column)
 

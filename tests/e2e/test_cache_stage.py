@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import itertools
 import json
@@ -203,3 +204,36 @@ def test_loader_joins_the_cache_in_workers_as_the_per_sample_path_does(setup):
         want = make_batch([next(per_sample) for _ in range(5)], 0)
         got = next(loader)
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_cache_written_with_masking_scheme_1_still_joins(setup, tmp_path, monkeypatch):
+    """Caches written before scheme 2 (per-sample PCG64 masks, no `scheme` in the mask block) are read with
+    scheme 1: the loader's recomputed masks match the cached positions, and they are not scheme 2's."""
+    import stages.cache as cache_stage
+    from formats.corpus import CorpusReader
+    from formats.loader import TrainLoader
+    from formats.corpus import load_tokenizer
+    from kd.masking import Masker
+    from pipeline.manifest import _digest
+    from stages.general.data import _CacheFactory
+
+    root, reference = setup
+    plain = cache_stage.mask_spec_from_corpus
+    monkeypatch.setattr(cache_stage, "mask_spec_from_corpus", lambda *a, **k: plain(*a, **k, scheme=1))
+    run_dir = with_corpus(reference, tmp_path / "old")
+    run_recipe(load_recipe(root / "recipe.yaml"), run_dir, stages=["cache"])
+    manifest_path = run_dir / "cache" / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    assert data["extra"]["mask"].pop("scheme") == 1
+    data["digest"] = _digest({**data, "digest": ""})
+    manifest_path.write_text(json.dumps(data, indent=2))  # what a cache written before schemes existed holds
+    kwargs = dict(seed=3, shuffle=True, shuffle_buffer=16, partitions=4)
+    corpus = CachedCorpus(run_dir / "shard", run_dir / "cache", "train", teacher_id="tiny", **kwargs)
+    assert corpus.spec.scheme == 1
+    loader = TrainLoader(CorpusReader(run_dir / "shard", "train", **kwargs), corpus.masker, 5, 0,
+                         cache_factory=_CacheFactory(run_dir / "cache", "train", 16))
+    batch = next(loader)  # check_join raises if the cached positions are not the recomputed masks
+    assert batch["topk_ids"].shape[0] == batch["labels"].shape[0] > 0
+    scheme2 = Masker(dataclasses.replace(corpus.spec, scheme=2), load_tokenizer(run_dir / "shard"))
+    pairs = list(itertools.islice(iter(corpus), 10))
+    assert any(not np.array_equal(scheme2(masked).positions, record.positions) for masked, record in pairs)
