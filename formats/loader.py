@@ -111,7 +111,7 @@ class BatchStream(IterableDataset):
         owned = -(-self.reader.partitions // (world * workers))  # partitions whose window this worker holds
         lookup = self.cache_factory(owned) if self.cache_factory is not None else None
         samples, slots, last, batch = [], [], None, 0
-        stream = self.reader.stream(lambda p: (p // world) % workers == worker)
+        stream = self.reader.stream((lambda p: (p // world) % workers == worker) if workers > 1 else None)
         for i, (epoch, position, sample) in enumerate(stream):
             if i // self.batch_size != batch:
                 yield self._part(batch, samples, slots, last, lookup)

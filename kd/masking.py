@@ -355,9 +355,13 @@ def _splitmix(x: np.ndarray) -> np.ndarray:
 
 def key_hashes(mask_seed: int, keys: list[str]) -> np.ndarray:
     """Scheme 2's per-sample uint64: the first 8 bytes of sha256("mask2", seed, key)."""
-    head = f"mask2\0{int(mask_seed)}\0".encode()
-    digests = b"".join(hashlib.sha256(head + k.encode()).digest()[:8] for k in keys)
-    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+    seeded = hashlib.sha256(f"mask2\0{int(mask_seed)}\0".encode())
+    digests = []
+    for key in keys:
+        h = seeded.copy()  # the common prefix hashed once
+        h.update(key.encode())
+        digests.append(h.digest()[:8])
+    return np.frombuffer(b"".join(digests), dtype="<u8").astype(np.uint64)
 
 
 _COUNTERS = np.zeros((3, 0), dtype=np.uint64)
