@@ -51,7 +51,8 @@ def fetch(model: str, out: Path, store_uri) -> Path:
 
 def recipe(args, victim: Path) -> dict:
     """The one-stage recipe the audit runs (the flags fill the stage's keys; `--set` changes any other)."""
-    data = {"task": "custom", "train": str(Path(args.train).resolve()), "dev": str(Path(args.test).resolve()),
+    test = str(Path(args.test).resolve())
+    data = {"task": "custom", "train": str(Path(args.train).resolve()), "dev": test, "test": test,
             "text_columns": args.text_column or ["sentence"], "label_column": args.label_column, "metrics": ["accuracy"],
             "max_length": args.max_length}
     stage = {"victim_path": str(victim), "data": data, "corpus_path": str(Path(args.corpus).resolve()),

@@ -25,7 +25,8 @@ import torch
 from formats import answers as journal
 from formats import models, serving
 from formats.mlmodel import read_labels
-from formats.taskdata import load_split, load_task, with_source
+from formats.taskdata import with_source
+from formats.testsplit import check_inputs, describe, load_splits
 from kd import defences
 from kd.extraction import Vocabulary, agreement, answer_targets, budget_sizes, drop_known, queries
 from pipeline import log
@@ -42,16 +43,17 @@ WATERMARKS = "watermark.jsonl"
 
 
 def _task(config: Config, ctx, names: list[str]):
-    """Train and test examples, labels as indices into the victim's label names."""
-    data = with_source(config.data, ctx)
-    if config.test:
-        data = dataclasses.replace(data, dev=with_source(dataclasses.replace(config.data, dev=config.test), ctx).dev)
-    train, _ = load_task(dataclasses.replace(data, dev=data.train))
-    if data.preset.regression or set(train.label_names) != set(names):
-        raise ConfigError(f"data: task labels {train.label_names} are not the victim's classes {names}; "
+    """Train and test examples (labels as indices into the victim's label names) and the test split's
+    provenance: the held-out split every task stage uses (`formats.testsplit`: data.test, or data.test_fraction
+    of train carved by the run seed and removed from train), so a victim from teacher_finetune never trained on it."""
+    splits = load_splits(with_source(config.data, ctx), ctx.seed)
+    if config.data.preset.regression or set(splits.train.label_names) != set(names):
+        raise ConfigError(f"data: task labels {splits.train.label_names} are not the victim's classes {names}; "
                           "point data at the task the victim was trained on")
-    train = load_split(data, "train", names)
-    return train, load_split(data, "dev", names)
+    check_inputs(ctx, splits.test_split, "victim")  # a victim trained on the test rows would inflate agreement
+    order = np.array([names.index(n) for n in splits.train.label_names], np.int64)
+    relabel = lambda ex: dataclasses.replace(ex, labels=order[ex.labels], label_names=list(names))  # noqa: E731
+    return relabel(splits.train), relabel(splits.test), splits.test_split
 
 
 def _ask_all(config: Config, ctx, victim, names, sizes, vocab, sentences, test, pairs: bool):
@@ -135,7 +137,8 @@ def run(config: Config, ctx):
     names = read_labels(victim)
     if len(names) < 2:
         raise ConfigError(f"{victim}: the victim has no class labels (id2label); extraction needs a classifier")
-    train, test = _task(config, ctx, names)
+    train, test, test_split = _task(config, ctx, names)
+    log.info(f"extract: {describe(test_split)}")
     init = models.upstream_model(ctx, config.student, None if config.student else config.student_path, role="student")
     tokenizer = AutoTokenizer.from_pretrained(str(init))
     task_texts = [part for t in train.texts + test.texts for part in t]
@@ -180,7 +183,7 @@ def run(config: Config, ctx):
     suspect = next(r for r in rows if (r["generator"], r["budget"]) == chosen)
     summary = {
         "task": config.data.task, "victim": config.victim or config.victim_path, "answers": config.answers,
-        "train_size": len(train), "test_size": len(test), "generators": list(config.generators),
+        "train_size": len(train), "test_size": len(test), "test_split": describe(test_split), "generators": list(config.generators),
         "budgets": sorted(config.budgets), "queries_asked": sum(len(a[0]) for a in asked.values()) + len(test),
         "requests": requests, "watermark_fraction": config.watermark_fraction, "watermarked_queries": len(marked),
         "watermark_alpha": config.watermark_alpha, "watermark_chance": defences.chance_match(len(names)),
@@ -192,10 +195,10 @@ def run(config: Config, ctx):
         "detector_auc": detector["auc"]}
     summary["watermark_cost"] = summary["victim_test_accuracy"] - summary["deployed_test_accuracy"]
     return _write(config, ctx, {"summary": summary, "extraction": rows, "independent": independent,
-                                "detector": detector})
+                                "detector": detector}, test_split)
 
 
-def _write(config: Config, ctx, report: dict):
+def _write(config: Config, ctx, report: dict, test_split: dict):
     """report.json/md and the plot (logged to MLflow beside the metrics), then the manifest."""
     s = report["summary"]
     atomic_write_text(ctx.stage_dir / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -219,4 +222,5 @@ def _write(config: Config, ctx, report: dict):
     outputs += [OutputFile.of(ctx.stage_dir, p.relative_to(ctx.stage_dir), lines=len(journal.read(p)))
                 for p in sorted((ctx.stage_dir / "answers").glob("*.jsonl"))]
     return ctx.manifest(config, outputs, metrics, {"model_dir": models.MODEL_DIR, "report": "report.json",
-                                                   "label_names": list(read_labels(ctx.stage_dir / models.MODEL_DIR))})
+                                                   "label_names": list(read_labels(ctx.stage_dir / models.MODEL_DIR)),
+                                                   "test_split": test_split})

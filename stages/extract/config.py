@@ -25,11 +25,10 @@ class Config(TrainConfig):
     answers: Literal["label", "top1_prob"] = "label"
     """What the deployment discloses: the label only, or the label and its top-1 probability."""
     data: TaskData = field(default_factory=TaskData)
-    """The victim's task: train gives the real training set's size (budgets), real queries for the detector
-    and the independent model's labels; dev is the held-out test set unless `test` is given."""
-    test: str | None = None
-    """Labelled file (same columns as data, relative to data.source when set) the victim never trained on;
-    None: data.dev."""
+    """The victim's task, as its teacher_finetune had it: train gives the real training set (the budgets are
+    multiples of its size, its texts are the detector's real queries, its labels the independent model's);
+    the scores are on the task's held-out test split, `data.test` or else `data.test_fraction` of the train
+    file carved by the run seed and removed from train (`formats.testsplit`), the rows the victim held out."""
     corpus: str | None = field(default=None, metadata={"input": True})
     """A `shard` stage whose corpus gives the query vocabulary and sentences (e.g. `@shard`)."""
     corpus_path: str | None = None

@@ -16,8 +16,8 @@ def markdown(report: dict) -> str:
     """report.json as a page a person reads."""
     s, ind, det = report["summary"], report["independent"], report["detector"]
     lines = [f"# Model extraction of `{s['victim']}`", "",
-             f"Task `{s['task']}`, real training set {s['train_size']} examples, test set {s['test_size']} "
-             f"(never trained on by the victim). The deployment answers `{s['answers']}`; "
+             f"Task `{s['task']}`, real training set {s['train_size']} examples, held-out "
+             f"{s.get('test_split', 'test split')}: {s['test_size']} scored (never trained on by the victim). The deployment answers `{s['answers']}`; "
              f"{s['queries_asked']} queries asked in {s['requests']} requests.", "",
              "## Extraction", "",
              "| generator | budget | queries | agreement | test accuracy | watermarked | watermark recall | p-value | copy? |",

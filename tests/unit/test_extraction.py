@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -191,3 +192,37 @@ def test_watermark_key_file_is_made_secret_and_reused(tmp_path):
                        ({"corpus": "@shard"}, "corpus_path"), ({"watermark_fraction": 0.7}, "watermark_fraction")):
         with pytest.raises(ValueError, match=named):
             Config(**{"victim_path": "v", "corpus_path": "c", **bad})
+
+
+def test_extract_scores_on_the_victims_held_out_split_and_refuses_another(tmp_path):
+    """The stage's train and test are the task stages' split (test rows carved by the run seed, out of train);
+    a victim whose teacher_finetune held out other rows (it may have trained on these test rows) is refused."""
+    from formats.taskdata import TaskData
+    from formats.testsplit import load_splits
+    from pipeline.context import ResolvedInput, RunContext
+    from pipeline.manifest import Manifest
+    from stages.extract import _task
+
+    rows = [(f"sentence number {i}", "ab"[i % 2]) for i in range(40)]
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nx\ta\ny\tb\n")
+    data = TaskData(task="custom", train=str(tmp_path / "train.tsv"), dev=str(tmp_path / "dev.tsv"),
+                    text_columns=["sentence"], label_column="label", metrics=["accuracy"], test_fraction=0.25)
+
+    def ctx_with_victim(seed: int) -> RunContext:
+        held_out = load_splits(data, seed=seed).test_split
+        manifest = Manifest(stage="teacher_finetune", name="teacher_finetune", config_hash="0", config={}, version="1",
+                            git_commit=None, inputs=[], outputs=[], extra={"test_split": held_out})
+        victim = ResolvedInput(field="victim", ref="@teacher_finetune", path=tmp_path / "tf", manifest=manifest, sha256="0")
+        return RunContext(run_dir=tmp_path, stage_dir=tmp_path / "extract", name="extract", stage="extract",
+                          inputs={"victim": victim})
+
+    config = SimpleNamespace(data=data)
+    train, test, info = _task(config, ctx_with_victim(0), ["b", "a"])  # the victim's class order, not the file's
+    test_texts = {t for (t,) in test.texts}
+    assert len(test) == 10 and len(train) == 30 and not {t for (t,) in train.texts} & test_texts
+    assert info["source"] == "carved" and info["size"] == 10
+    assert train.label_names == ["b", "a"] and all(["b", "a"][y] == rows[int(t.split()[-1])][1]
+                                                   for (t,), y in zip(test.texts, test.labels))
+    with pytest.raises(ConfigError, match="victim .*held out a different test split"):
+        _task(config, ctx_with_victim(1), ["a", "b"])
