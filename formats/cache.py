@@ -294,7 +294,6 @@ def check_sample_temperature(cache_manifest, temperature: float) -> None:
 class _Decoded:
     """A decoded cache shard as CacheLookup holds it."""
 
-    header: dict
     packed: np.ndarray
     """The row-level columns side by side, uint8 [masked rows, bytes per row]: one copy gathers a shard's rows."""
     cols: dict[str, np.ndarray]
@@ -305,6 +304,7 @@ class _Decoded:
     """Sample key -> its place in the shard (a shard's keys only: the lookup holds `capacity` shards)."""
     starts: list[int]
     counts: list[int]
+    """`bounds` as plain lists (each sample's first masked row and its count): read per key on the hot path."""
 
 
 class CacheLookup:
@@ -339,7 +339,7 @@ class CacheLookup:
         header, cols = decode_shard(path.read_bytes(), path)
         packed, cols = self._pack(cols, path)
         bounds = np.concatenate([[0], np.cumsum(header["n_masked"], dtype=np.int64)])
-        decoded = _Decoded(header=header, packed=packed, cols=cols, bounds=bounds,
+        decoded = _Decoded(packed=packed, cols=cols, bounds=bounds,
                            row_of={k: i for i, k in enumerate(header["keys"])}, starts=bounds[:-1].tolist(),
                            counts=np.diff(bounds).tolist())
         self._loaded[stem] = decoded

@@ -45,6 +45,11 @@ MASK_SCHEME = 2
 """The scheme new caches and online runs use."""
 
 
+def _unknown_scheme(scheme: int) -> str:
+    return (f"masking scheme {scheme} is newer than this code knows ({', '.join(map(str, SCHEMES))}); "
+            "upgrade distill or rebuild the cache")
+
+
 @dataclass(frozen=True)
 class MaskedSample:
     """A corpus sample with its masked input and what the masked positions held."""
@@ -228,8 +233,7 @@ class MaskSpec:
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
-            raise ValueError(f"masking scheme {self.scheme} is not one this code knows ({', '.join(map(str, SCHEMES))}); "
-                             "upgrade distill or rebuild the cache")
+            raise ValueError(_unknown_scheme(self.scheme))
 
     def to_dict(self) -> dict:
         """Plain data for a manifest's `mask` block."""
@@ -243,8 +247,7 @@ class MaskSpec:
         know is a ConfigError naming `where`."""
         scheme = int(data.get("scheme", 1))
         if scheme not in SCHEMES:
-            raise ConfigError(f"{where}: masking scheme {scheme} is newer than this code knows "
-                              f"({', '.join(map(str, SCHEMES))}); upgrade distill or rebuild the cache")
+            raise ConfigError(f"{where}: {_unknown_scheme(scheme)}")
         return cls(mask_seed=int(data["mask_seed"]), rate=float(data["rate"]), whole_word=bool(data["whole_word"]),
                    mask_id=int(data["mask_id"]), vocab_size=int(data["vocab_size"]),
                    special_ids=tuple(int(i) for i in data["special_ids"]), scheme=scheme)
@@ -286,7 +289,7 @@ def mask_batch(samples: list, *, mask_seed: int, rate: float, mask_id: int, voca
     if not 0 < rate < 1:
         raise ValueError(f"mask rate must be in (0, 1), got {rate}")
     if scheme not in SCHEMES:
-        raise ValueError(f"masking scheme {scheme} is not one this code knows ({', '.join(map(str, SCHEMES))})")
+        raise ValueError(_unknown_scheme(scheme))
     lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
     ids = np.concatenate([np.asarray(s.input_ids) for s in samples]).astype(np.int32, copy=False)
     types = [getattr(s, "token_type_ids", None) for s in samples]
