@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from formats.corpus import CorpusReader
-from kd.masking import Masker, MaskedBatch
+from kd.masking import Masker, MaskedBatch, key_hashes
 from pipeline.config import ConfigError
 from pipeline.manifest import ManifestError
 
@@ -45,11 +45,35 @@ def _padded(flat: np.ndarray, lengths: np.ndarray, value: int, cells: np.ndarray
     return out.reshape(len(lengths), -1)
 
 
-def collate_masked(masked: MaskedBatch, pad_id: int, cache: tuple | None = None) -> dict[str, torch.Tensor]:
+def _target_tensors(cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The trainer's cached-target tensors from `CacheLookup.gather`'s row-level columns."""
+    out = {"topk_ids": torch.from_numpy(cols["topk_ids"].astype(np.int64)),
+           "topk_logp": torch.from_numpy(cols["topk_logp"].astype(np.float32)),
+           "tail_logmass": torch.from_numpy(cols["tail_logmass"].astype(np.float32))}
+    if "tail_logmass_t" in cols:
+        out["tail_logmass_t"] = torch.from_numpy(cols["tail_logmass_t"].astype(np.float32))
+    if "sampled_ids" in cols:
+        out["sampled_ids"] = torch.from_numpy(cols["sampled_ids"].astype(np.int64))
+        out["sampled_counts"] = torch.from_numpy(cols["sampled_counts"].astype(np.float32))
+    return out
+
+
+SAMPLE_IDS = "sample_ids"
+"""With a team: each sample's int64 id (a hash of its key), per sample, for per-example teacher draws."""
+
+
+def team_key(member: int, key: str) -> str:
+    """The batch key of team member `member`'s cached target `key` (e.g. `team1/topk_ids`)."""
+    return f"team{member}/{key}"
+
+
+def collate_masked(masked: MaskedBatch, pad_id: int, cache: tuple | None = None,
+                   team: list[tuple] | None = None) -> dict[str, torch.Tensor]:
     """The trainer's batch: masked inputs, (rows, cols, labels) of masked positions and cached targets if given.
 
     `cache` is `CacheLookup.gather`'s (rows per sample, columns); the same tensors as
-    `stages.general.data.make_batch`.
+    `stages.general.data.make_batch`. `team` is one such gather per team member: member j's targets go
+    under `team_key(j, ...)`, with `SAMPLE_IDS`.
     """
     lengths = masked.lengths
     cells = _cells(lengths)  # one index for the three padded tensors
@@ -62,15 +86,11 @@ def collate_masked(masked: MaskedBatch, pad_id: int, cache: tuple | None = None)
              "cols": torch.from_numpy(masked.positions.astype(np.int64)),
              "labels": torch.from_numpy(masked.labels.astype(np.int64))}
     if cache is not None:
-        _, cols = cache
-        batch["topk_ids"] = torch.from_numpy(cols["topk_ids"].astype(np.int64))
-        batch["topk_logp"] = torch.from_numpy(cols["topk_logp"].astype(np.float32))
-        batch["tail_logmass"] = torch.from_numpy(cols["tail_logmass"].astype(np.float32))
-        if "tail_logmass_t" in cols:
-            batch["tail_logmass_t"] = torch.from_numpy(cols["tail_logmass_t"].astype(np.float32))
-        if "sampled_ids" in cols:
-            batch["sampled_ids"] = torch.from_numpy(cols["sampled_ids"].astype(np.int64))
-            batch["sampled_counts"] = torch.from_numpy(cols["sampled_counts"].astype(np.float32))
+        batch.update(_target_tensors(cache[1]))
+    if team is not None:
+        batch[SAMPLE_IDS] = torch.from_numpy(key_hashes(0, masked.keys).view(np.int64))
+        for member, (_, cols) in enumerate(team):
+            batch.update({team_key(member, k): v for k, v in _target_tensors(cols).items()})
     return batch
 
 
@@ -129,11 +149,15 @@ class BatchStream(IterableDataset):
         if not samples:
             return part
         masked = self.masker.batch(samples)
-        cache = None
-        if lookup is not None:
-            cache = lookup.gather(masked.keys)
-            check_join(masked, cache, lookup.cache_dir)
-        return {**collate_masked(masked, self.pad_id, cache), **part}
+        if lookup is None:
+            return {**collate_masked(masked, self.pad_id), **part}
+        joined = []
+        for one in lookup if isinstance(lookup, list) else [lookup]:  # a list: one per team member (none online)
+            joined.append(one.gather(masked.keys))
+            check_join(masked, joined[-1], one.cache_dir)
+        if isinstance(lookup, list):
+            return {**collate_masked(masked, self.pad_id, team=joined), **part}
+        return {**collate_masked(masked, self.pad_id, joined[0]), **part}
 
 
 def merge_parts(parts: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -149,6 +173,8 @@ def merge_parts(parts: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     for key, value in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
         padded = [torch.nn.functional.pad(p[key], (0, width - p[key].shape[1]), value=value) for p in full]
         out[key] = torch.cat(padded)[order]
+    if SAMPLE_IDS in full[0]:  # per sample, like the padded tensors
+        out[SAMPLE_IDS] = torch.cat([p[SAMPLE_IDS] for p in full])[order]
     place = torch.empty_like(order)
     place[order] = torch.arange(len(order))
     rows = torch.cat([place[offset + p["rows"]] for offset, p in zip(_offsets(full), full)])
@@ -169,7 +195,9 @@ class TrainLoader:
     """A rank's batches through a DataLoader (workers, prefetch, pinned memory), with a world-size-free state.
 
     `reader` is the rank's CorpusReader (its rank and world size, seed, shuffle, loop); `cache_factory(n)`
-    builds a `CacheLookup` inside each worker, holding the shards of n windows (None: masks only).
+    builds a `CacheLookup` inside each worker, holding the shards of n windows (None: masks only), or a list
+    of them (a teacher team: each member's targets under `team_key`, and the samples' ids; an empty list for
+    an online team).
     `num_workers=0` runs in this process. The batches do not depend on `num_workers`.
     """
 

@@ -166,3 +166,17 @@ def _distinct_with_counts(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = (rows * ordered.shape[1] + slot).ravel()
     counts = np.bincount(flat, minlength=ordered.size).reshape(ordered.shape).astype(np.int64)
     return ids, counts
+
+
+def masked_forward(teacher, batch: dict[str, torch.Tensor], *, hidden: bool = False):
+    """The frozen teacher's logits at the masked positions and (optionally) all hidden states."""
+    with torch.no_grad():
+        out = teacher.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 token_type_ids=batch["token_type_ids"], output_hidden_states=hidden)
+        logits = teacher.cls(out.last_hidden_state[batch["rows"], batch["cols"]])
+    return logits.float(), (out.hidden_states if hidden else None)
+
+
+def masked_logits(teacher, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The teacher's logits at the masked positions."""
+    return masked_forward(teacher, batch)[0]

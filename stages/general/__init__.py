@@ -23,6 +23,7 @@ from pipeline.train import trainer
 from pipeline.train.engine import build_engine, deepspeed_json
 from stages.general import data
 from stages.general import model as gm
+from stages.general import team as general_team
 from stages.general.config import Config
 
 LAUNCH = "distributed"
@@ -38,6 +39,9 @@ def run(config: Config, ctx):
     torch.manual_seed(ctx.seed)  # the student's random parts are the same on every rank
     trainee = gm.Trainee.build(config, setup.teacher)  # from the fp32 CPU teacher, then the teacher moves
     setup.teacher = teachers.place(setup.teacher, settings.device, config.teacher_dtype)
+    if setup.members:  # the team's sampler, now that the student's capacity is known
+        setup.team = general_team.build(config, ctx, setup, trainee.student, settings, valid=lambda: data.TrainStream(
+            config, ctx, setup, settings.micro_batch_size, "valid", shuffle=False))
     losses = gm.LossPlan.check(config, trainee, setup.teacher, online=setup.online)
     torch.manual_seed(ctx.seed * 1000 + world.rank)  # dropout streams differ per rank, fixed per rank
     engine = build_engine(trainee, settings=settings, world=world,
@@ -49,11 +53,15 @@ def run(config: Config, ctx):
     state, _ = trainer.resume(config, root, engine, world)
     if state is not None:
         stream.load_state_dict(state["reader"])
+        if setup.team is not None:
+            setup.team.load_state_dict(state.get("team"), world.rank)
     history = trainer.fit(
         engine, config, total=config.max_steps, next_batch=stream.next_batch,
         loss=lambda batch: losses(engine, batch, setup), ctx=ctx, root=root, desc="general",
-        state=lambda: {"reader": stream.state_dict(), "step": engine.global_step},
+        state=lambda: {"reader": stream.state_dict(), "step": engine.global_step,
+                       **({"team": setup.team.state_dict()} if setup.team is not None else {})},
         evaluate=lambda step: data.evaluate(config, ctx, engine, setup, stream.micro),
         eval_every=config.eval_every)
     final = data.evaluate(config, ctx, engine, setup, settings.micro_batch_size)
-    return gm.export(config, ctx, engine, setup, {**history, **final}, losses.layer_map)
+    counts = setup.team.counts(config.max_steps) if setup.team is not None else {}
+    return gm.export(config, ctx, engine, setup, {**history, **final, **counts}, losses.layer_map)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from formats.models import check_model_fields
 from kd.students import StudentConfig
+from kd.teams import SamplerConfig
 from pipeline.config import ConfigError
 from pipeline.train.engine import EngineSettings
 from pipeline.train.optim import TrainConfig
@@ -45,6 +47,35 @@ class LossWeights:
 
 
 @dataclass(kw_only=True)
+class TeamTeacher:
+    """One masked-LM teacher of a general-stage team (SKD, docs/skd.md): its model and, preferably, its cache."""
+
+    name: str
+    """Short name (letters, digits, `_`, `-`, `.`): it names the member in logs, metrics and errors."""
+    teacher: str | None = field(default=None, metadata={"input": True})
+    """Upstream stage holding this teacher (e.g. "@teacher_adapt"); or set teacher_path."""
+    teacher_path: str | None = None
+    """A local or pkg: folder with this teacher (exactly one of teacher, teacher_path)."""
+    cache: str | None = field(default=None, metadata={"input": True})
+    """This teacher's cache stage (e.g. "@cache_l4") over the same corpus and masks as the other members;
+    None: the member runs online (every member has a cache, or none)."""
+    level: float | None = None
+    """Capacity for the capacity and curriculum laws; None: encoder layers x hidden width."""
+    score: float | None = None
+    """Quality for the quality law; None: its masked-LM accuracy (the cache's `teacher_mlm_accuracy`, or
+    measured on the valid split when online)."""
+
+    def __post_init__(self):
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
+            raise ValueError(f"name {self.name!r}: use letters, digits, '_', '-' or '.'")
+        check_model_fields(self.teacher, self.teacher_path)
+        if self.level is not None and self.level <= 0:
+            raise ValueError(f"level must be > 0, got {self.level}")
+
+
+@dataclass(kw_only=True)
 class Config(TrainConfig):
     """Distil a student from a teacher on a sharded corpus, from the cache and/or an online teacher.
 
@@ -64,6 +95,12 @@ class Config(TrainConfig):
     """How the student is built (size, or layers taken from the teacher)."""
     loss: LossWeights = field(default_factory=LossWeights)
     """Weights of the losses."""
+    team: list[TeamTeacher] = field(default_factory=list)
+    """A teacher team (SKD): the logit losses learn, at each step (or example), from one member drawn by
+    `sampler`, from its cache (no teacher forward) or online. `teacher` stays the reference (student init,
+    evaluation). Empty: plain distillation from `teacher`/`cache`."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """How the team member is drawn (`kd.teams.SamplerConfig`); read only with `team`."""
     temperature: float = 2.0
     """Softmax temperature of the soft losses."""
     cache_targets: Literal["topk", "sampled"] = "topk"
@@ -119,6 +156,20 @@ class Config(TrainConfig):
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if not 0 < self.mask_rate < 1:
             raise ValueError(f"mask_rate must be in (0, 1), got {self.mask_rate}")
+        if self.team:
+            names = [m.name for m in self.team]
+            if len(set(names)) != len(names):
+                raise ValueError(f"team: member names must be distinct, got {names}")
+            if len({m.cache is None for m in self.team}) > 1:
+                raise ValueError("team: give every member a cache, or none (then every member runs online)")
+            if self.cache is not None:
+                raise ValueError("team: the members' caches are the soft targets; drop `cache` (set each "
+                                 "member's `cache` instead)")
+            if self.loss.online_only:
+                raise ValueError(f"team: loss {', '.join(self.loss.online_only)} pairs one teacher's layers and "
+                                 "widths; with a team only the logit losses (soft, mlm) are on")
+            if self.loss.soft == 0:
+                raise ValueError("team: loss.soft is 0, so no member would teach; set loss.soft > 0")
         if self.shuffle_buffer < 1 or self.reader_partitions < 1 or self.loader_workers < 0 or self.prefetch_factor < 1:
             raise ValueError("shuffle_buffer, reader_partitions and prefetch_factor must be >= 1, loader_workers >= 0")
 

@@ -38,6 +38,17 @@ class Setup:
     cache_has_valid: bool = False
     tail_column: int | None = None
     """The cached tempered-tail column of the training temperature (None: T=1, `tail_logmass`)."""
+    members: list | None = None
+    """With `team`: its checked members (`stages.general.team.Member`)."""
+    team: Any = None
+    """With `team`: the `stages.general.team.Team` that draws each step's member (built once the student is)."""
+
+    @property
+    def team_caches(self) -> list[Path] | None:
+        """The members' cache folders, when the team trains from caches."""
+        if not self.members or self.members[0].cache_dir is None:
+            return None
+        return [m.cache_dir for m in self.members]
 
 
 def prepare(config: Config, ctx) -> Setup:
@@ -49,6 +60,15 @@ def prepare(config: Config, ctx) -> Setup:
     teacher = teachers.load_masked_lm(teacher_dir, dtype=config.teacher_dtype)
     teachers.check_tokenizer(teacher_dir, tokenizer, teacher)
     online = config.cache is None or bool(config.loss.online_only)
+    if config.team:
+        from stages.general import team
+
+        members, spec = team.load(config, ctx, tokenizer, teacher, ctx.input_manifest("corpus"))
+        if spec is None:  # online members: masks on the fly, as with one online teacher
+            spec = mask_spec_from_corpus(extra, tokenizer, mask_seed=config.mask_seed, rate=config.mask_rate,
+                                         whole_word=False)
+        return Setup(corpus_dir=corpus_dir, corpus_extra=extra, tokenizer=tokenizer, teacher_dir=teacher_dir,
+                     teacher=teacher, online=False, mask=spec, members=members)
     if config.cache is None:
         spec = mask_spec_from_corpus(extra, tokenizer, mask_seed=config.mask_seed, rate=config.mask_rate,
                                      whole_word=False)
@@ -122,6 +142,8 @@ class TrainStream:
         factory = None
         if self.cached:
             factory = _CacheFactory(setup.cache_dir, split, config.shuffle_buffer)
+        elif split == "train" and setup.members:  # every member's cache (none online), joined in the workers
+            factory = _CacheFactory(setup.team_caches or [], split, config.shuffle_buffer)
         pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
         self.loader = TrainLoader(reader, Masker(setup.mask, setup.tokenizer), micro, self.pad_id,
                                   cache_factory=factory, num_workers=config.loader_workers,
@@ -147,18 +169,24 @@ class TrainStream:
 
 
 class _CacheFactory:
-    """Builds the cache lookup inside each loader worker (a plain object, so workers can receive it)."""
+    """Builds the cache lookup inside each loader worker (a plain object, so workers can receive it); a list of
+    cache folders (a team) builds one lookup per folder."""
 
-    def __init__(self, cache_dir: Path, split: str, shuffle_buffer: int):
+    def __init__(self, cache_dir: Path | list[Path], split: str, shuffle_buffer: int):
         self.cache_dir, self.split, self.shuffle_buffer = cache_dir, split, shuffle_buffer
 
-    def __call__(self, windows: int):
+    def _one(self, cache_dir: Path, windows: int):
         from formats.cache import CacheLookup, decoded_capacity
         from pipeline.manifest import Manifest
 
-        manifest = Manifest.load(self.cache_dir)
-        return CacheLookup(self.cache_dir, manifest, self.split,
+        manifest = Manifest.load(cache_dir)
+        return CacheLookup(cache_dir, manifest, self.split,
                            capacity=decoded_capacity(manifest, self.split, self.shuffle_buffer, windows))
+
+    def __call__(self, windows: int):
+        if isinstance(self.cache_dir, list):
+            return [self._one(d, windows) for d in self.cache_dir]
+        return self._one(self.cache_dir, windows)
 
 
 @torch.no_grad()
@@ -176,7 +204,7 @@ def evaluate(config: Config, ctx, engine, setup: Setup, micro: int) -> dict[str,
         batch = engine.to_device(stream.next_batch())
         logits, _ = engine.forward(**trainee.inputs(batch))
         logits = logits.float()
-        t_logits = teacher_logits(setup.teacher, batch)
+        t_logits = teachers.masked_logits(setup.teacher, batch)
         logp, t_logp = logits.log_softmax(-1), t_logits.log_softmax(-1)
         sums += torch.tensor([
             len(batch["labels"]), -logp.gather(-1, batch["labels"][:, None]).sum().item(),
@@ -190,17 +218,3 @@ def evaluate(config: Config, ctx, engine, setup: Setup, micro: int) -> dict[str,
             "eval/teacher_top1_agreement": sums[3].item() / n, "eval/teacher_kl": sums[4].item() / n,
             "eval/teacher_mlm_accuracy": sums[5].item() / n,
             "eval/masked_tokens": int(sums[0].item())}
-
-
-def teacher_forward(teacher, batch: dict[str, torch.Tensor], *, hidden: bool = False):
-    """The frozen teacher's logits at the masked positions and (optionally) all hidden states."""
-    with torch.no_grad():
-        out = teacher.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 token_type_ids=batch["token_type_ids"], output_hidden_states=hidden)
-        logits = teacher.cls(out.last_hidden_state[batch["rows"], batch["cols"]])
-    return logits.float(), (out.hidden_states if hidden else None)
-
-
-def teacher_logits(teacher, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The teacher's logits at the masked positions."""
-    return teacher_forward(teacher, batch)[0]

@@ -15,13 +15,12 @@ from torch import nn
 
 from formats import models
 from kd import losses as L
-from kd import objectives
+from kd import objectives, teachers
 from kd.introspect import AttentionCapture
 from kd.students import build_student
 from pipeline.config import ConfigError
 from pipeline.train import dist
 from stages.general.config import Config
-from stages.general.data import teacher_forward
 
 
 class Trainee(nn.Module):
@@ -130,12 +129,14 @@ class LossPlan:
         need = objectives.needs(weights)
         need_hidden, need_attn = "hidden" in need, "attention" in need
         trainee = engine.module
-        t_logits = t_hidden = t_cap = None
+        t_logits = t_hidden = t_cap = choice = None
         s_layers, t_layers = self.captured_layers(weights)
-        if setup.online:
+        if setup.team is not None:  # this step's member: its cached targets, or its logits online
+            batch, t_logits, choice = setup.team.targets(batch, engine.global_step)
+        elif setup.online:
             capture = AttentionCapture(setup.teacher, keep_qkv=True, layers=t_layers) if need_attn else nullcontext()
             with capture as t_cap:
-                t_logits, t_hidden = teacher_forward(setup.teacher, batch, hidden=need_hidden)
+                t_logits, t_hidden = teachers.masked_forward(setup.teacher, batch, hidden=need_hidden)
         capture = AttentionCapture(trainee.student, keep_qkv=True, layers=s_layers) if need_attn else nullcontext()
         with capture as s_cap:
             s_logits, s_hidden = engine.forward(**trainee.inputs(batch, need_hidden))
@@ -152,7 +153,10 @@ class LossPlan:
                               batch["attention_mask"].sum()])
         positions, tokens = dist.global_shares(counts)
         parts = {name: objectives.TERMS[name].fn(pair) for name in weights}
-        return objectives.weighted_sum(parts, weights, {"positions": positions, "tokens": tokens})
+        total, logged = objectives.weighted_sum(parts, weights, {"positions": positions, "tokens": tokens})
+        if choice is not None:
+            logged.update(setup.team.shares(choice, total))
+        return total, logged
 
     def captured_layers(self, weights: dict) -> tuple[list[int], list[int]]:
         """0-based student and teacher layers whose query/key the enabled terms read: the mapped layers for
@@ -184,4 +188,6 @@ def export(config: Config, ctx, engine, setup, metrics: dict, layer_map: list[in
     outputs = models.model_outputs(ctx.stage_dir)
     extra = {"model_dir": models.MODEL_DIR, "student": json.loads(student_cfg.to_json_string()), "layer_map": layer_map,
              "online_teacher": setup.online, "teacher_dir": str(setup.teacher_dir)}
+    if setup.team is not None:
+        extra["team"] = setup.team.describe()
     return ctx.manifest(config, outputs, clean, extra)
