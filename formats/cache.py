@@ -80,20 +80,6 @@ def _unshuffle(data, dtype: np.dtype, count: int) -> np.ndarray:
     return out.view(dtype)
 
 
-def _unshuffle_into(target: np.ndarray, data, dtype: np.dtype, count: int) -> None:
-    """`_unshuffle` written into `target`, uint8 [rows, bytes of a row's elements] (a slice of packed rows)."""
-    planes = np.frombuffer(data, dtype=np.uint8).reshape(dtype.itemsize, len(target), -1)
-    if dtype.itemsize == 1:
-        target[...] = planes[0]
-        return
-    out = target.view(f"<u{dtype.itemsize}")  # [rows, elements], the bytes of each element little-endian
-    out[...] = planes[0]
-    for i in range(1, dtype.itemsize):
-        plane = planes[i].astype(out.dtype)
-        plane <<= out.dtype.type(8 * i)
-        out |= plane
-
-
 def _columns(records: list[CacheRecord], vocab_size: int, max_seq_len: int) -> dict[str, np.ndarray]:
     """Concatenate the records' arrays column by column, in storage dtypes."""
     ids = ids_dtype(vocab_size)
@@ -334,6 +320,7 @@ class CacheLookup:
         self._loaded: dict[str, _Decoded] = {}
         self._verified: set[str] = set()
         self._layout: tuple | None = None
+        self._body: np.ndarray | None = None
 
     def _decoded(self, key: str) -> _Decoded:
         """The decoded cache shard that should hold `key`; ManifestError when the cache has none."""
@@ -363,12 +350,28 @@ class CacheLookup:
                                 f"{key!r} (cache and corpus differ); rebuild the cache")
         return decoded, row
 
+    def _decompressed(self, frame: memoryview) -> memoryview:
+        """A shard body decompressed into one buffer reused shard after shard (nothing keeps a view of it): a fresh
+        megabyte per shard costs more in page faults than zstd takes to fill it."""
+        size = zstandard.frame_content_size(frame)
+        if size < 0:  # not recorded in the frame (our writer always records it)
+            return memoryview(zstandard.ZstdDecompressor().decompress(frame))
+        if self._body is None or len(self._body) < size:
+            self._body = np.empty(size, dtype=np.uint8)
+        body, filled = memoryview(self._body)[:size], 0
+        with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+            while filled < size and (got := reader.readinto(body[filled:])):
+                filled += got
+            if filled != size or reader.read(1):  # the frame must end here (and its checksum is checked there)
+                raise zstandard.ZstdError(f"frame holds other than the {size} bytes its header records")
+        return body
+
     def _decode(self, data: bytes, path: Path) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
-        """`decode_shard`, with the row-level columns unshuffled straight into packed rows (no copy per column
-        to pack them afterwards): header, packed rows, and the columns as views of them (plus `cls_hidden`)."""
+        """`decode_shard`, each row-level column copied into packed rows as it is unshuffled (not gathered into
+        columns and packed afterwards): header, packed rows, and the columns as views of them (plus `cls_hidden`)."""
         header, start = _split_header(data, path)
         try:
-            body = memoryview(zstandard.ZstdDecompressor().decompress(memoryview(data)[start:]))
+            body = self._decompressed(memoryview(data)[start:])
         except zstandard.ZstdError as err:
             raise ManifestError(f"{path}: corrupt cache-shard body ({err}); rerun the cache stage with --force") from None
         columns = [(name, np.dtype(dtype_str), tuple(int(t) for t in tail), int(size))
@@ -393,7 +396,8 @@ class CacheLookup:
                 cols[name] = _unshuffle(body[offset:offset + nbytes], dtype, size).reshape(-1, *tail)
             else:
                 width = dtype.itemsize * (size // max(len(packed), 1))
-                _unshuffle_into(packed[:, at:at + width], body[offset:offset + nbytes], dtype, size)
+                column = _unshuffle(body[offset:offset + nbytes], dtype, size)  # contiguous: the fast shifts
+                packed[:, at:at + width] = column.view(np.uint8).reshape(len(packed), width)
                 at += width
             offset += nbytes
         if offset != len(body):
