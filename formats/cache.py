@@ -11,6 +11,7 @@ records, so equal inputs give byte-identical shards.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -302,9 +303,6 @@ class _Decoded:
     """int64 [samples + 1]: sample i's masked rows are bounds[i]:bounds[i + 1]."""
     row_of: dict[str, int]
     """Sample key -> its place in the shard (a shard's keys only: the lookup holds `capacity` shards)."""
-    starts: list[int]
-    counts: list[int]
-    """`bounds` as plain lists (each sample's first masked row and its count): read per key on the hot path."""
 
 
 class CacheLookup:
@@ -322,6 +320,7 @@ class CacheLookup:
         self._loaded: dict[str, _Decoded] = {}
         self._verified: set[str] = set()
         self._layout: tuple | None = None
+        self._body: np.ndarray | None = None
 
     def _decoded(self, key: str) -> _Decoded:
         """The decoded cache shard that should hold `key`; ManifestError when the cache has none."""
@@ -333,15 +332,13 @@ class CacheLookup:
         if rel is None:
             raise ManifestError(f"{self.cache_dir}: no cache record for sample {key!r} (cache and corpus differ)")
         path = self.cache_dir / rel
-        self._check(path, rel)
+        data = self._checked_bytes(path, rel)
         if len(self._loaded) >= self.capacity:
             self._loaded.pop(next(iter(self._loaded)))  # oldest first: readers move through shards in order
-        header, cols = decode_shard(path.read_bytes(), path)
-        packed, cols = self._pack(cols, path)
+        header, packed, cols = self._decode(data, path)
         bounds = np.concatenate([[0], np.cumsum(header["n_masked"], dtype=np.int64)])
         decoded = _Decoded(packed=packed, cols=cols, bounds=bounds,
-                           row_of={k: i for i, k in enumerate(header["keys"])}, starts=bounds[:-1].tolist(),
-                           counts=np.diff(bounds).tolist())
+                           row_of={k: i for i, k in enumerate(header["keys"])})
         self._loaded[stem] = decoded
         return decoded
 
@@ -353,18 +350,59 @@ class CacheLookup:
                                 f"{key!r} (cache and corpus differ); rebuild the cache")
         return decoded, row
 
-    def _pack(self, cols: dict[str, np.ndarray], path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The row-level columns packed side by side, and the columns as views of the packed rows."""
-        names = [name for name in cols if name != "cls_hidden"]
-        layout = tuple((name, cols[name].dtype.str, cols[name].shape[1:]) for name in names)
+    def _decompressed(self, frame: memoryview) -> memoryview:
+        """A shard body decompressed into one buffer reused shard after shard (nothing keeps a view of it): a fresh
+        megabyte per shard costs more in page faults than zstd takes to fill it."""
+        size = zstandard.frame_content_size(frame)
+        if size < 0:  # not recorded in the frame (our writer always records it)
+            return memoryview(zstandard.ZstdDecompressor().decompress(frame))
+        if self._body is None or len(self._body) < size:
+            self._body = np.empty(size, dtype=np.uint8)
+        body, filled = memoryview(self._body)[:size], 0
+        with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+            while filled < size and (got := reader.readinto(body[filled:])):
+                filled += got
+            if filled != size or reader.read(1):  # the frame must end here (and its checksum is checked there)
+                raise zstandard.ZstdError(f"frame holds other than the {size} bytes its header records")
+        return body
+
+    def _decode(self, data: bytes, path: Path) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
+        """`decode_shard`, each row-level column copied into packed rows as it is unshuffled (not gathered into
+        columns and packed afterwards): header, packed rows, and the columns as views of them (plus `cls_hidden`)."""
+        header, start = _split_header(data, path)
+        try:
+            body = self._decompressed(memoryview(data)[start:])
+        except zstandard.ZstdError as err:
+            raise ManifestError(f"{path}: corrupt cache-shard body ({err}); rerun the cache stage with --force") from None
+        columns = [(name, np.dtype(dtype_str), tuple(int(t) for t in tail), int(size))
+                   for name, dtype_str, tail, size in header["columns"]]
+        layout = tuple((name, dtype.str, tail) for name, dtype, tail, _ in columns if name != "cls_hidden")
         if self._layout is None:
             self._layout = layout
         elif layout != self._layout:
             raise ManifestError(f"{path}: its columns differ from the split's other cache shards; rebuild the cache")
-        rows = len(cols[names[0]]) if names else 0
-        flat = [np.ascontiguousarray(cols[n]).reshape(rows, int(np.prod(cols[n].shape[1:], dtype=np.int64))) for n in names]
-        packed = np.concatenate([f.view(np.uint8) for f in flat], axis=1) if names else np.zeros((0, 0), np.uint8)
-        return packed, {**self._unpack(packed), **({"cls_hidden": cols["cls_hidden"]} if "cls_hidden" in cols else {})}
+        widths = [int(np.prod(tail, dtype=np.int64)) for name, _, tail, _ in columns if name != "cls_hidden"]
+        rows = {size // max(w, 1) for (name, _, _, size), w in zip((c for c in columns if c[0] != "cls_hidden"), widths)}
+        if len(rows) > 1:
+            raise ManifestError(f"{path}: its columns have different row counts (altered); rerun the cache stage with --force")
+        packed = np.empty((rows.pop() if rows else 0, sum(w * d.itemsize for w, (_, d, _, _) in
+                                                          zip(widths, (c for c in columns if c[0] != "cls_hidden")))), np.uint8)
+        cols, offset, at = {}, 0, 0
+        for name, dtype, tail, size in columns:
+            nbytes = size * dtype.itemsize
+            if offset + nbytes > len(body):
+                raise ManifestError(f"{path}: cache-shard body is shorter than its header says (truncated)")
+            if name == "cls_hidden":
+                cols[name] = _unshuffle(body[offset:offset + nbytes], dtype, size).reshape(-1, *tail)
+            else:
+                width = dtype.itemsize * (size // max(len(packed), 1))
+                column = _unshuffle(body[offset:offset + nbytes], dtype, size)  # contiguous: the fast shifts
+                packed[:, at:at + width] = column.view(np.uint8).reshape(len(packed), width)
+                at += width
+            offset += nbytes
+        if offset != len(body):
+            raise ManifestError(f"{path}: cache-shard body is longer than its header says (altered)")
+        return header, packed, {**self._unpack(packed), **cols}
 
     def _unpack(self, packed: np.ndarray) -> dict[str, np.ndarray]:
         """The columns of packed rows, as views."""
@@ -376,16 +414,21 @@ class CacheLookup:
             offset += width
         return out
 
-    def _check(self, path: Path, rel: str) -> None:
-        """Re-hash a shard against the cache manifest once before trusting it: a flipped byte may still decode."""
-        if rel in self._verified:
-            return
-        from pipeline.manifest import sha256_file
-
-        if not path.is_file() or sha256_file(path) != self._hashes.get(rel):
-            raise ManifestError(f"{path}: does not match its sha256 in the cache manifest (altered or corrupt); "
-                                "rerun the cache stage with --force")
-        self._verified.add(rel)
+    def _checked_bytes(self, path: Path, rel: str) -> bytes:
+        """A shard's bytes, re-hashed against the cache manifest the first time before they are trusted (a flipped
+        byte may still decode); the bytes hashed are the bytes decoded, read once."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = None
+        if rel not in self._verified:
+            if data is None or hashlib.sha256(data).hexdigest() != self._hashes.get(rel):
+                raise ManifestError(f"{path}: does not match its sha256 in the cache manifest (altered or corrupt); "
+                                    "rerun the cache stage with --force")
+            self._verified.add(rel)
+        elif data is None:
+            raise ManifestError(f"{path}: cache shard missing since it was verified; rerun the cache stage with --force")
+        return data
 
     def record(self, key: str) -> CacheRecord:
         """The cache record of one sample key."""
@@ -402,33 +445,45 @@ class CacheLookup:
     def gather(self, keys: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(masked rows per key, row-level columns of all keys concatenated in key order).
 
-        One pass over the keys finds each one's shard and rows; the index arithmetic is then done once for the
-        batch, and each cache shard the batch touches costs one copy of its packed rows.
+        Each key costs two dict look-ups (its shard, its row); the index arithmetic is then done once for the
+        keys, and each cache shard they touch costs one copy of its packed rows.
         """
-        slots: dict[int, int] = {}
-        shards: list[_Decoded] = []
-        slot_of, starts, counts = [], [], []
-        for key in keys:
-            decoded, row = self._row(key)
-            slot = slots.setdefault(id(decoded), len(shards))
-            if slot == len(shards):
-                shards.append(decoded)
-            slot_of.append(slot)
-            starts.append(decoded.starts[row])
-            counts.append(decoded.counts[row])
-        n = np.array(counts, dtype=np.int64)
-        slot_of = np.array(slot_of, dtype=np.int64)
+        stems = [key.rpartition("-")[0] for key in keys]
+        slot = {stem: i for i, stem in enumerate(dict.fromkeys(stems))}  # shards numbered as first met
+        first = dict(zip(reversed(stems), reversed(keys)))  # each shard's first key
+        try:
+            shards = [self._decoded(first[stem]) for stem in slot]
+        except ManifestError:
+            for key in keys:
+                self._row(key)  # the error of the first key that has one, as a key at a time would find it
+            raise
+        slot_of = np.fromiter(map(slot.__getitem__, stems), dtype=np.int64, count=len(keys))
+        rows = [shards[s].row_of.get(key) for s, key in zip(slot_of.tolist(), keys)]
+        if None in rows:
+            self._row(keys[rows.index(None)])  # the ManifestError naming the key
+        rows = np.array(rows, dtype=np.int64)
         order = np.argsort(slot_of, kind="stable")
+        per_slot = np.bincount(slot_of, minlength=len(shards))
+        cuts = np.concatenate([[0], np.cumsum(per_slot)]).tolist()
+        starts, n = np.empty(len(keys), np.int64), np.empty(len(keys), np.int64)
+        for s, decoded in enumerate(shards):  # each key's first masked row and count, a shard at a time
+            at, row = order[cuts[s]:cuts[s + 1]], rows[order[cuts[s]:cuts[s + 1]]]
+            starts[at] = decoded.bounds[row]
+            n[at] = decoded.bounds[row + 1] - starts[at]
         dest_start = np.cumsum(n) - n
         sizes = n[order]
         inner = np.arange(int(n.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        source = np.repeat(np.array(starts, dtype=np.int64)[order], sizes) + inner
+        source = np.repeat(starts[order], sizes) + inner
         dest = np.repeat(dest_start[order], sizes) + inner
-        cuts = np.concatenate([[0], np.cumsum(np.bincount(slot_of, weights=n, minlength=len(shards)).astype(np.int64))])
+        row_cuts = np.concatenate([[0], np.cumsum(np.bincount(slot_of, weights=n, minlength=len(shards)).astype(np.int64))])
         width = shards[0].packed.shape[1] if shards else 0
         out = np.empty((int(n.sum()), width), dtype=np.uint8)
-        for decoded, a, b in zip(shards, cuts[:-1].tolist(), cuts[1:].tolist()):
-            out[dest[a:b]] = decoded.packed[source[a:b]]
+        # A packed row as one opaque item: numpy then copies whole rows (twice as fast as a [rows, bytes] gather).
+        row = np.dtype((np.void, width)) if width else None
+        for decoded, a, b in zip(shards, row_cuts[:-1].tolist(), row_cuts[1:].tolist()):
+            if row is None:
+                continue
+            out.view(row).reshape(-1)[dest[a:b]] = decoded.packed.view(row).reshape(-1)[source[a:b]]
         return n, self._unpack(out)
 
 

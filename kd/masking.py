@@ -290,8 +290,9 @@ def mask_batch(samples: list, *, mask_seed: int, rate: float, mask_id: int, voca
         raise ValueError(f"mask rate must be in (0, 1), got {rate}")
     if scheme not in SCHEMES:
         raise ValueError(_unknown_scheme(scheme))
-    lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
-    ids = np.concatenate([np.asarray(s.input_ids) for s in samples]).astype(np.int32, copy=False)
+    arrays = [s.input_ids for s in samples]
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(samples))
+    ids = np.concatenate(arrays).astype(np.int32, copy=False)
     types = [getattr(s, "token_type_ids", None) for s in samples]
     if all(t is not None for t in types):
         token_types = np.concatenate(types).astype(np.uint8, copy=False)
@@ -350,10 +351,17 @@ _CHOOSE, _ROLL, _RANDOM = 0, 1, 2
 
 def _splitmix(x: np.ndarray) -> np.ndarray:
     """splitmix64's output function on uint64 (wrapping arithmetic): a well-mixed 64-bit hash of each value."""
-    z = x + _GAMMA
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
+    return _mix(x + _GAMMA)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's output function after its increment, in place on `z` (no temporaries but the shifts)."""
+    z ^= z >> np.uint64(30)
+    z *= _MIX1
+    z ^= z >> np.uint64(27)
+    z *= _MIX2
+    z ^= z >> np.uint64(31)
+    return z
 
 
 def key_hashes(mask_seed: int, keys: list[str]) -> np.ndarray:
@@ -385,7 +393,10 @@ def _counter_hashes(length: int) -> np.ndarray:
 def _draw(base: np.ndarray, position: np.ndarray, purpose: int) -> np.ndarray:
     """The uint64 draw of (sample hash, position within the sample, purpose)."""
     counters = _counter_hashes(int(position.max()) + 1 if position.size else 0)
-    return _splitmix(base ^ counters[purpose][position])
+    z = counters[purpose][position]  # a new array: mixed in place
+    z ^= base
+    z += _GAMMA
+    return _mix(z)
 
 
 _LAST = np.uint64(2**64 - 1)
@@ -403,7 +414,7 @@ def _counter_draws(keys: list[str], ids: np.ndarray, starts: np.ndarray, maskabl
     base = key_hashes(mask_seed, keys)
     counts = np.diff(np.searchsorted(maskable, starts))
     owner = np.repeat(np.arange(n), counts)  # sample of each maskable position
-    local = maskable - starts[owner]
+    local = maskable - np.repeat(starts[:-1], counts)
     target = np.maximum(1, np.round(rate * counts)).astype(np.int64)
     if word_start is None:
         unit_owner, unit_local, unit_of = owner, local, None
@@ -419,15 +430,15 @@ def _counter_draws(keys: list[str], ids: np.ndarray, starts: np.ndarray, maskabl
         unit_of = np.cumsum(begins) - 1  # word of each maskable position
         heads = np.flatnonzero(begins)
         unit_owner, unit_local = owner[heads], local[heads]
-    score = _draw(base[unit_owner], unit_local, _CHOOSE)
-    units = np.bincount(unit_owner, minlength=n)
+    units = counts if unit_of is None else np.bincount(unit_owner, minlength=n)
+    score = _draw(np.repeat(base, units), unit_local, _CHOOSE)  # owners ascend: a repeat, not a gather
     col = np.arange(unit_owner.size) - np.repeat(np.cumsum(units) - units, units)
     grid = np.full((n, max(int(units.max()) if n else 0, 1)), _LAST, dtype=np.uint64)
-    grid[unit_owner, col] = score
+    grid.reshape(-1)[np.repeat(np.arange(n) * grid.shape[1], units) + col] = score
     if unit_of is None:
         # The target smallest scores of each row (64-bit scores do not tie in practice).
         cutoff = np.sort(grid, axis=1)[np.arange(n), np.minimum(target, grid.shape[1]) - 1]
-        taken = score <= cutoff[unit_owner]
+        taken = score <= np.repeat(cutoff, units)
     else:
         # Words in score order while they fit the target (the first always); stop at the first that overshoots.
         sizes = np.zeros(grid.shape, dtype=np.int64)
@@ -438,10 +449,10 @@ def _counter_draws(keys: list[str], ids: np.ndarray, starts: np.ndarray, maskabl
         take = np.zeros(grid.shape, dtype=bool)
         np.put_along_axis(take, order, fits, axis=1)
         taken = take[unit_owner, col][unit_of]
-    flat = maskable[taken]
-    chosen_owner, chosen_local = owner[taken], local[taken]
-    n_masked = np.bincount(chosen_owner, minlength=n).astype(np.int64)
-    chosen_base = base[chosen_owner]
+    chosen = np.flatnonzero(taken)
+    flat, chosen_local = maskable[chosen], local[chosen]
+    n_masked = np.bincount(owner[chosen], minlength=n).astype(np.int64)
+    chosen_base = np.repeat(base, n_masked)
     roll = (_draw(chosen_base, chosen_local, _ROLL) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
     random_ids = ((_draw(chosen_base, chosen_local, _RANDOM) >> np.uint64(32)) * np.uint64(vocab_size)
                   >> np.uint64(32)).astype(np.int64)
