@@ -57,6 +57,16 @@ class SamplerConfig:
             raise ValueError(f"student_level must be > 0, got {self.student_level}")
 
 
+def check_member(name: str, level: float | None) -> None:
+    """ValueError unless a team member's name is short and plain and its level (if given) is > 0."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
+        raise ValueError(f"name {name!r}: use letters, digits, '_', '-' or '.'")
+    if level is not None and level <= 0:
+        raise ValueError(f"level must be > 0, got {level}")
+
+
 def capacity(model_config) -> float:
     """A model's level: encoder layers x hidden width."""
     return float(model_config.num_hidden_layers * model_config.hidden_size)

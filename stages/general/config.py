@@ -7,7 +7,7 @@ from typing import Literal
 
 from formats.models import check_model_fields
 from kd.students import StudentConfig
-from kd.teams import SamplerConfig
+from kd.teams import SamplerConfig, check_member
 from pipeline.config import ConfigError
 from pipeline.train.engine import EngineSettings
 from pipeline.train.optim import TrainConfig
@@ -66,13 +66,8 @@ class TeamTeacher:
     measured on the valid split when online)."""
 
     def __post_init__(self):
-        import re
-
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
-            raise ValueError(f"name {self.name!r}: use letters, digits, '_', '-' or '.'")
+        check_member(self.name, self.level)
         check_model_fields(self.teacher, self.teacher_path)
-        if self.level is not None and self.level <= 0:
-            raise ValueError(f"level must be > 0, got {self.level}")
 
 
 @dataclass(kw_only=True)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from formats.models import check_model_fields
 from formats.taskdata import TaskData
+from kd.teams import check_member
 
 
 @dataclass(kw_only=True)
@@ -25,11 +25,8 @@ class TeamMember:
     """Capacity used by the capacity and curriculum laws; None: encoder layers x hidden width."""
 
     def __post_init__(self):
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
-            raise ValueError(f"name {self.name!r}: use letters, digits, '_', '-' or '.'")
+        check_member(self.name, self.level)
         check_model_fields(self.teacher, self.teacher_path)
-        if self.level is not None and self.level <= 0:
-            raise ValueError(f"level must be > 0, got {self.level}")
 
 
 @dataclass(kw_only=True)
