@@ -60,20 +60,20 @@ def prepare(config: Config, ctx) -> Setup:
     teacher = teachers.load_masked_lm(teacher_dir, dtype=config.teacher_dtype)
     teachers.check_tokenizer(teacher_dir, tokenizer, teacher)
     online = config.cache is None or bool(config.loss.online_only)
+
+    def masks_on_the_fly() -> MaskSpec:  # an online teacher (or team): no cache fixes the masks
+        return mask_spec_from_corpus(extra, tokenizer, mask_seed=config.mask_seed, rate=config.mask_rate,
+                                     whole_word=False)
+
     if config.team:
         from stages.general import team
 
         members, spec = team.load(config, ctx, tokenizer, teacher, ctx.input_manifest("corpus"))
-        if spec is None:  # online members: masks on the fly, as with one online teacher
-            spec = mask_spec_from_corpus(extra, tokenizer, mask_seed=config.mask_seed, rate=config.mask_rate,
-                                         whole_word=False)
         return Setup(corpus_dir=corpus_dir, corpus_extra=extra, tokenizer=tokenizer, teacher_dir=teacher_dir,
-                     teacher=teacher, online=False, mask=spec, members=members)
+                     teacher=teacher, online=False, mask=spec or masks_on_the_fly(), members=members)
     if config.cache is None:
-        spec = mask_spec_from_corpus(extra, tokenizer, mask_seed=config.mask_seed, rate=config.mask_rate,
-                                     whole_word=False)
         return Setup(corpus_dir=corpus_dir, corpus_extra=extra, tokenizer=tokenizer, teacher_dir=teacher_dir,
-                     teacher=teacher, online=online, mask=spec)
+                     teacher=teacher, online=online, mask=masks_on_the_fly())
     from formats.cache import check_provenance, check_sample_temperature, tail_column
 
     cache = ctx.input_manifest("cache")

@@ -47,10 +47,11 @@ def _member_name(config, index: int) -> str:
     return f"team member {config.team[index].name!r}"
 
 
-def check_cache(config, ctx, index: int, teacher_dir: Path, corpus_manifest, first) -> tuple[MaskSpec, dict, int | None]:
+def check_cache(config, ctx, index: int, teacher_dir: Path, corpus_manifest, first
+                ) -> tuple[MaskSpec, dict, int | None, float | None]:
     """Member `index`'s cache: this member's teacher, the corpus and tokenizer, the masks and target layout of
     `first` (the first member's (mask, provenance), None for the first). Returns (masks, provenance, tail
-    column)."""
+    column, its teacher's masked-LM accuracy)."""
     from formats.cache import check_provenance, check_sample_temperature, tail_column
 
     who = _member_name(config, index)
@@ -87,8 +88,7 @@ def check_cache(config, ctx, index: int, teacher_dir: Path, corpus_manifest, fir
             column = tail_column(cache, config.temperature)
     except ConfigError as err:
         raise ConfigError(f"{who}: {err}") from None
-    score = cache.metrics.get("teacher_mlm_accuracy")
-    return mask, {**prov, "score": score}, column
+    return mask, prov, column, cache.metrics.get("teacher_mlm_accuracy")
 
 
 class Team:
@@ -118,30 +118,23 @@ class Team:
         """True when the soft targets come from the member caches (no teacher forward)."""
         return self.members[0].cache_dir is not None
 
-    @property
-    def cache_dirs(self) -> list[Path]:
-        return [m.cache_dir for m in self.members]
-
-    def choices(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        """The member teaching each sample of this micro-batch at optimizer step `step` (0-based)."""
-        n = batch["input_ids"].shape[0]
+    def choices(self, batch: dict[str, torch.Tensor], step: int) -> np.ndarray:
+        """The member teaching each sample of this micro-batch at optimizer step `step` (0-based), on the host."""
         if self.sampler.unit == "example" and self.sampler.law != "curriculum":
-            ids = batch[SAMPLE_IDS].cpu().numpy()
-            picks = self.sampler.teachers(step, ids)
-        else:
-            picks = np.full(n, self.sampler.step_teacher(step), dtype=np.int64)
-        return torch.from_numpy(picks).to(batch["input_ids"].device)
+            return self.sampler.teachers(step, batch[SAMPLE_IDS].cpu().numpy())
+        return np.full(batch["input_ids"].shape[0], self.sampler.step_teacher(step), dtype=np.int64)
 
     def targets(self, batch: dict[str, torch.Tensor], step: int) -> tuple[dict, torch.Tensor | None, torch.Tensor]:
         """(batch with the drawn members' cached targets under the plain keys, online teacher logits or None,
         each sample's member). The top-k tail at the training temperature is put in `tail_logmass`."""
-        choice = self.choices(batch, step)
-        self.example_counts += torch.bincount(choice.cpu(), minlength=len(self.members)).double()
+        picks = self.choices(batch, step)
+        self.example_counts += torch.from_numpy(np.bincount(picks, minlength=len(self.members))).double()
+        members = np.unique(picks).tolist()
+        choice = torch.from_numpy(picks).to(batch["input_ids"].device)
         if not self.cached:
-            return batch, self._online_logits(batch, choice), choice
+            return batch, self._online_logits(batch, choice, members), choice
         out = {k: v for k, v in batch.items() if not k.startswith("team")}
         per_row = choice[batch["rows"]]
-        members = torch.unique(choice).tolist()
         for key in TARGETS:
             if team_key(0, key) not in batch:
                 continue
@@ -163,11 +156,12 @@ class Team:
         return batch[team_key(j, key)]
 
     @torch.no_grad()
-    def _online_logits(self, batch: dict, choice: torch.Tensor) -> torch.Tensor:
-        """Each masked position's logits from its sample's member; a member runs on its own samples only."""
+    def _online_logits(self, batch: dict, choice: torch.Tensor, members: list[int]) -> torch.Tensor:
+        """Each masked position's logits from its sample's member (of `members`, those drawn); a member runs on
+        its own samples only."""
         per_row = choice[batch["rows"]]
         out = None
-        for j in torch.unique(choice).tolist():
+        for j in members:
             samples = (choice == j).nonzero(as_tuple=True)[0]
             rows = per_row == j
             place = torch.full_like(choice, -1)
@@ -194,12 +188,6 @@ class Team:
         """Each member's share of this micro-batch's samples, for the per-window log (`train/team_<name>`)."""
         share = torch.bincount(choice, minlength=len(self.names)).to(like.dtype) / max(len(choice), 1)
         return {f"team_{n}": share[i] for i, n in enumerate(self.names)}
-
-    def place(self, device, dtype: str) -> None:
-        """Online members on the training device, frozen."""
-        for m in self.members:
-            if m.model is not None:
-                teachers.place(m.model, device, dtype)
 
     def counts(self, total: int) -> dict[str, float]:
         """Steps (unit step, replayed from the sampler: a resumed run reports the whole run) or examples (unit
@@ -241,10 +229,10 @@ def load(config, ctx, tokenizer, reference, corpus_manifest) -> tuple[list[Membe
         member = Member(name=entry.name, teacher_dir=folder, level=entry.level or teams.capacity(model.config),
                         score=entry.score)
         if entry.cache is not None:
-            mask, prov, member.tail_column = check_cache(config, ctx, index, folder, corpus_manifest, first)
+            mask, prov, member.tail_column, score = check_cache(config, ctx, index, folder, corpus_manifest, first)
             first, spec = first or (mask, prov), spec or mask
             member.cache_dir = ctx.input_dir(f"team.{index}.cache")
-            member.score = entry.score if entry.score is not None else prov["score"]
+            member.score = entry.score if entry.score is not None else score
             del model  # cached: never run
         else:
             member.model = model

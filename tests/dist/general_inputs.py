@@ -106,11 +106,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def student_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The exported student's tensors."""
+def student_weights(run_dir: Path, stage: str = "general") -> dict[str, torch.Tensor]:
+    """The exported student's tensors of a general stage (`stage`, the recipe's name for it)."""
     from safetensors.torch import load_file
 
-    return load_file(str(run_dir / "general" / "model" / "model.safetensors"))
+    return load_file(str(run_dir / stage / "model" / "model.safetensors"))
 
 
 def variants_recipe(recipe: Path, variants: dict[str, dict]) -> Path:

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
-from tests.dist.general_inputs import build, fresh_run, run_torchrun_stages, variants_recipe
+from tests.dist.general_inputs import build, fresh_run, run_torchrun_stages, student_weights, variants_recipe
 from tests.e2e.test_general_skd import _small_teacher
 
 CACHE_B = """
@@ -38,12 +38,6 @@ def test_cached_team_per_example_draws_the_same_members_on_one_and_two_ranks(tmp
     two = json.loads((two_dir / "team_two" / "manifest.json").read_text())["metrics"]
     assert two["team_examples_big"] == one["team_examples_big"] and two["team_examples_small"] == one["team_examples_small"]
     assert one["team_examples_big"] + one["team_examples_small"] == 4 * 8
-    a = student_weights_of(one_dir / "team_two")
-    b = student_weights_of(two_dir / "team_two")
+    a, b = student_weights(one_dir, "team_two"), student_weights(two_dir, "team_two")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
-
-def student_weights_of(stage_dir):
-    from safetensors.torch import load_file
-
-    return load_file(str(stage_dir / "model" / "model.safetensors"))
