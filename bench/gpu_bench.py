@@ -17,7 +17,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -37,12 +36,12 @@ def _peak_bf16(device, size: int = 8192, repeats: int = 10) -> float:
 
 
 def _train(device, quick: bool) -> dict:
-    from bench.general_bench import _batches, _train_flops, _with_topk, trainer_pieces
+    from bench.general_bench import _batches, _train_flops, _with_topk, setup_for, trainer_pieces
 
     steps, batch, seq = (10, 64, 128) if quick else (30, 128, 128)
     tokenizer, teacher, trainee, plan, engine = trainer_pieces(batch, precision="bf16", device=device)
     batches = [_with_topk(teacher, b) for b in _batches(tokenizer, steps, batch, seq)]
-    setup = SimpleNamespace(online=False, teacher=teacher, tail_column=0)  # the tail at T=2 (`_with_topk`)
+    setup = setup_for(teacher, online=False)
 
     def step(b):
         loss, _ = plan(engine, engine.to_device(b), setup)

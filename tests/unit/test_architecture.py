@@ -143,3 +143,30 @@ def test_every_stage_is_a_package_with_its_config_module(stage):
 def test_stages_folder_holds_only_stage_packages():
     loose = [p.name for p in (ROOT / "stages").glob("*.py") if p.name != "__init__.py"]
     assert not loose, f"stages/ holds stage packages only; move {loose} into a stage, kd/ or formats/"
+
+
+def names_imported(path: Path, known: set[str]) -> list[tuple[str, str]]:
+    """(module, name) for every absolute `from <project module> import name` in `path`, lazy ones included."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [(node.module, alias.name) for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module in known
+            for alias in node.names if alias.name != "*"]
+
+
+def test_every_imported_name_exists():
+    """A lazy `from stages.x import f` names a function that a refactor moved away only fails when it runs
+    (bench/ once imported a helper that had moved to kd/): every imported name must exist where it is asked."""
+    import importlib
+
+    modules = project_modules()
+    missing = []
+    for name, path in modules.items():
+        for module, attr in names_imported(path, set(modules)):
+            if f"{module}.{attr}" not in modules and not hasattr(importlib.import_module(module), attr):
+                missing.append(f"{name} imports {attr} from {module}, which has no such name")
+    assert not missing, "\n".join(missing)
+
+
+def test_a_moved_name_is_seen(tmp_path):
+    (tmp_path / "a.py").write_text("def f():\n    from pipeline.world import NoSuchThing\n")
+    assert names_imported(tmp_path / "a.py", {"pipeline.world"}) == [("pipeline.world", "NoSuchThing")]
