@@ -74,21 +74,79 @@ def soft_ce_topk(
     """
     _check_temperature(temperature)
     vocab = student_logits.shape[-1]
-    # Two [N, V] temporaries at most: the tempered logits and (with a tail) a copy with the k ids removed.
-    scaled = student_logits.float() / temperature
-    log_z = scaled.logsumexp(-1, keepdim=True)
     ids = topk_ids.long()
-    s_top = scaled.gather(-1, ids) - log_z
     t_top = topk_logp.float() / temperature
     k = ids.shape[-1]
     if tail_logmass is None or k >= vocab:
+        scaled = student_logits.float() / temperature
+        s_top = scaled.gather(-1, ids) - scaled.logsumexp(-1, keepdim=True)
         return temperature**2 * _soft_ce(t_top.softmax(-1), s_top).mean()
     # Rounding can make 1 - sum p slightly negative, so a cache may hold NaN: it means "no tail".
     t_tail = torch.nan_to_num(tail_logmass.float(), nan=-math.inf)
     q = torch.cat([t_top, t_tail.unsqueeze(-1)], -1).softmax(-1)
-    # The student's tail bucket exactly (not 1 - sum, which cancels badly): logsumexp over the unlisted ids.
-    s_tail = scaled.scatter(-1, ids, -math.inf).logsumexp(-1, keepdim=True) - log_z
-    return temperature**2 * _soft_ce(q, torch.cat([s_top, s_tail], -1)).mean()
+    return temperature**2 * _TopkTailCE.apply(student_logits, ids, q.detach(), temperature).mean()
+
+
+LOSS_ROWS = 32
+"""Rows per pass of `_TopkTailCE`: 32 x a 30k vocabulary (~4 MB) stays in cache between the passes."""
+
+STUDENT_EXACT_BELOW = 1e-2
+"""Student tail mass under which 1 - sum(top-k) (fp64 from fp32 log-probs: ~1e-7 absolute) is too imprecise
+and `_TopkTailCE` sums the tail's own terms."""
+
+
+class _TopkTailCE(torch.autograd.Function):
+    """Per-row soft cross-entropy of student logits [N, V] at T against k + 1 teacher buckets `q` [N, k + 1]
+    (the k ids, then the tail), with its gradient written in closed form:
+
+        loss_n = -sum_i q_i log p_i - q_tail log P_tail        p = softmax(s_n / T), P_tail = p outside the ids
+        d loss_n / d s_v = (p_v - q_i) / T                      for v = id_i
+                         = p_v (1 - q_tail / P_tail) / T        for the other ids
+
+    Both passes go through the rows in blocks of LOSS_ROWS and keep no [N, V] temporary: the forward is one
+    normaliser and a gather, the backward one exp and a scatter. The same numbers as the composed autograd
+    form (`tail` in `soft_ce_topk`'s docstring) at a fraction of the memory traffic. A q of 0 contributes
+    nothing (0 log 0 = 0), like `_soft_ce`.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, ids: Tensor, q: Tensor, temperature: float) -> Tensor:
+        rows = len(logits)
+        log_z = logits.new_empty(rows, dtype=torch.float32)
+        s_top = logits.new_empty(ids.shape, dtype=torch.float32)
+        s_tail = logits.new_empty(rows, dtype=torch.float32)
+        for start in range(0, rows, LOSS_ROWS):
+            end = start + LOSS_ROWS
+            z = logits[start:end].float() / temperature
+            log_z[start:end] = lz = z.logsumexp(-1)
+            s_top[start:end] = top = z.gather(-1, ids[start:end]) - lz[:, None]
+            s_tail[start:end] = tail = (1.0 - top.double().exp().sum(-1)).clamp_(min=0.0).log().float()
+            tiny = torch.nonzero(tail < math.log(STUDENT_EXACT_BELOW)).flatten()
+            if tiny.numel():  # the student's tail summed from its own terms
+                exact = z[tiny].scatter_(-1, ids[start:end][tiny], -math.inf).logsumexp(-1) - lz[tiny]
+                s_tail[start + tiny] = exact
+        ctx.save_for_backward(logits, ids, q, log_z, s_top, s_tail)
+        ctx.temperature = temperature
+        s = torch.cat([s_top, s_tail[:, None]], -1)
+        return -torch.where(q > 0, q * s, torch.zeros_like(s)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        logits, ids, q, log_z, s_top, s_tail = ctx.saved_tensors
+        t = ctx.temperature
+        q_tail = q[:, -1]
+        # The tail's coefficient; a zero teacher tail contributes nothing, even where the student's is 0.
+        tail_coef = torch.where(q_tail > 0, q_tail / s_tail.exp(), torch.zeros_like(q_tail))
+        top_grad = s_top.exp() - q[:, :-1]
+        grad = torch.empty_like(logits)
+        for start in range(0, len(logits), LOSS_ROWS):
+            end = start + LOSS_ROWS
+            scale = (grad_rows[start:end] / t)[:, None]
+            p = torch.exp(logits[start:end].float() / t - log_z[start:end, None])
+            p.mul_((1.0 - tail_coef[start:end, None]) * scale)
+            p.scatter_(-1, ids[start:end], top_grad[start:end] * scale)
+            grad[start:end] = p
+        return grad, None, None, None
 
 
 def soft_ce_sampled(

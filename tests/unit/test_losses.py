@@ -104,6 +104,41 @@ def test_topk_with_k_equal_vocab_is_the_full_loss(temp):
     assert L.soft_ce_topk(s, ids, logp, no_tail, temperature=temp).item() == pytest.approx(full, rel=1e-5)
 
 
+def _composed_topk_tail(student_logits, ids, topk_logp, tail_logmass, temperature):
+    """The top-k + tail loss written with plain autograd ops: the definition the fused form must match."""
+    scaled = student_logits.float() / temperature
+    log_z = scaled.logsumexp(-1, keepdim=True)
+    s_top = scaled.gather(-1, ids) - log_z
+    s_tail = scaled.scatter(-1, ids, -math.inf).logsumexp(-1, keepdim=True) - log_z
+    t_tail = torch.nan_to_num(tail_logmass.float(), nan=-math.inf)
+    q = torch.cat([topk_logp.float() / temperature, t_tail[:, None]], -1).softmax(-1)
+    s = torch.cat([s_top, s_tail], -1)
+    return temperature**2 * -torch.where(q > 0, q * s, torch.zeros_like(s)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0, 4.0])
+def test_fused_topk_tail_loss_and_gradient_equal_the_composed_form(temp):
+    """70 rows (blocks of 32 and a partial one) of a 500-word vocabulary, k=8: flat rows, rows whose student
+    tail is tiny (the exact-sum path), a teacher without tail (-inf), a NaN tail, and bf16 student logits."""
+    torch.manual_seed(3)
+    rows, vocab, k = 70, 500, 8
+    logits = torch.randn(rows, vocab) * 2
+    ids = torch.stack([torch.randperm(vocab)[:k] for _ in range(rows)])
+    logits[:10].scatter_(-1, ids[:10, :1], 60.0)  # the student puts ~all its mass on one listed id
+    topk_logp = torch.randn(rows, vocab).log_softmax(-1).gather(-1, ids)
+    tail = torch.randn(rows) - 1.0
+    tail[20], tail[21] = -math.inf, float("nan")
+    for dtype in (torch.float32, torch.bfloat16):
+        a = logits.to(dtype).clone().requires_grad_()
+        b = logits.to(dtype).clone().requires_grad_()
+        fused = L.soft_ce_topk(a, ids, topk_logp, tail, temperature=temp)
+        composed = _composed_topk_tail(b, ids, topk_logp, tail, temp)
+        fused.backward(), composed.backward()
+        assert fused.item() == pytest.approx(composed.item(), rel=1e-5)
+        assert a.grad.dtype == dtype and torch.isfinite(a.grad).all()
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=1e-3, atol=1e-7 if dtype == torch.float32 else 1e-4)
+
+
 def test_topk_gradient_is_finite_with_empty_negligible_or_nan_tail():
     torch.manual_seed(2)
     s = torch.randn(3, 6, requires_grad=True)
