@@ -198,9 +198,9 @@ def _corpus(root: Path, name: str, lines: int, seed: int, workers: int) -> tuple
     return shard_dir, total, folder / "cache", _cache(shard_dir, folder / "cache", 32)
 
 
-def run(quick: bool) -> dict:
-    """Make two corpora and their caches, then measure the four figures."""
-    lines, repeats = (30_000, 2) if quick else (150_000, 3)
+def run(quick: bool, lines: int | None = None) -> dict:
+    """Make two corpora and their caches, then measure the four figures; `lines` overrides the corpus size."""
+    lines, repeats = (lines or 30_000, 2) if quick else (lines or 150_000, 3)
     buffer = 256
     with tempfile.TemporaryDirectory(prefix="data-bench-") as tmp:
         root = Path(tmp)

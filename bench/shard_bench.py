@@ -36,12 +36,13 @@ def _read_tokens(shard_dir: Path, pad_id: int, batch_size: int = 32) -> tuple[in
     return tokens, time.perf_counter() - start
 
 
-def run(quick: bool) -> dict:
-    """Shard benchmark text with the MiniLM tokenizer, then read it back; tokens/s of each."""
+def run(quick: bool, lines: int | None = None) -> dict:
+    """Shard benchmark text with the MiniLM tokenizer, then read it back; tokens/s of each (`lines` overrides
+    the size)."""
     from pipeline.recipe import load_stage_file
     from pipeline.runner import run_recipe
 
-    lines = 5_000 if quick else 40_000
+    lines = lines or (5_000 if quick else 40_000)
     with tempfile.TemporaryDirectory(prefix="shard-bench-") as tmp:
         root = Path(tmp)
         inputs = _slice(root, 2 * lines)  # as many lines as the two-file slice this replaced

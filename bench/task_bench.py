@@ -103,13 +103,13 @@ def _side_by_side(student, batch, labels, steps: int, ours) -> tuple[list[float]
     return mine, theirs
 
 
-def run(quick: bool) -> dict:
-    """Both task figures; `quick` uses fewer steps and repeats."""
+def run(quick: bool, steps: int | None = None) -> dict:
+    """Both task figures; `quick` uses fewer steps and repeats, `steps` overrides the steps per round."""
     from kd.latency import compare
 
     tokenizer, teacher, make_student = _models()
     batch, labels = _batch(tokenizer, 32)
-    steps, rounds = (8, 2) if quick else (20, 3)
+    steps, rounds = (steps or 8, 2) if quick else (steps or 20, 3)
     ours, theirs = [], []
     for _ in range(rounds):
         mine, hf = _side_by_side(make_student(), batch, labels, steps, _ours(make_student(), teacher, batch, labels))
