@@ -70,9 +70,11 @@ def _shard(root: Path, text: Path, workers: int, piece_bytes: int, docs_per_shar
 
 
 def _worker_share(shard_dir: Path, total: int, workers: int) -> float:
-    """Input bytes of the busiest worker / total input, from the scan records."""
+    """Input bytes of the busiest worker / total input, from the piece records the stage keeps."""
+    from stages.shard.scan import PIECES_DIR
+
     per = [0] * workers
-    for record in (shard_dir / ".scan").glob("piece-*.json"):
+    for record in (shard_dir / PIECES_DIR).glob("piece-*.json"):
         data = json.loads(record.read_text())
         per[data["worker"]] += data["input_bytes"]
     return max(per) / total

@@ -6,6 +6,7 @@ A stage module defines:
   LAUNCH               "array" (split over independent workers), "distributed" (torch.distributed ranks)
                        or "single" (one process); the launchers read it
   verify(manifest, stage_dir)   optional, deeper checks than re-hashing, used by `distill verify`
+  after_manifest(stage_dir)     optional, removes work files once the manifest is written (shard: its scan)
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class StageSpec:
     @property
     def verify(self) -> Callable | None:
         return getattr(self.module, "verify", None)
+
+    @property
+    def after_manifest(self) -> Callable | None:
+        return getattr(self.module, "after_manifest", None)
 
 
 SECTIONS: dict[str, str] = {"launch": "launch.config:LaunchConfig"}

@@ -160,6 +160,8 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path, *, world: World, force: 
     writes = entry.spec.launch == "array" or world.rank == 0
     if manifest is not None and writes:
         manifest.write(stage_dir)
+        if entry.spec.after_manifest is not None:  # work files the complete stage no longer needs
+            entry.spec.after_manifest(stage_dir)
         totals = manifest.totals()
         log.info(f"{name}: done, {totals['files']} files, {totals['bytes'] / 1e6:.1f} MB")
     elif manifest is None:

@@ -26,7 +26,7 @@ from formats.tokenizer import load_tokenizer_from, save_tokenizer_dir, tokenizer
 from pipeline import log
 from pipeline.assets import resolve_asset
 from pipeline.config import ConfigError
-from pipeline.manifest import ManifestError, OutputFile, atomic_write_text, sha256_file
+from pipeline.manifest import MANIFEST, ManifestError, OutputFile, atomic_write_text, sha256_file
 from pipeline.runner import exclusive_lock
 from stages.shard import scan
 from stages.shard.packing import pack_pairs, pack_plain
@@ -142,6 +142,22 @@ def _owner(lay_counts: np.ndarray, first_rank: int, workers: int) -> int:
 
 def run(config: Config, ctx):
     """Scan this worker's pieces, wait for the others, write this worker's shards; the manifest when all are done."""
+    try:
+        return _run(config, ctx)
+    except (FileNotFoundError, ConfigError):
+        # A late worker (a retried array task) may find the scan cleared under it: the stage is complete.
+        if (ctx.stage_dir / MANIFEST).is_file():
+            log.info(f"worker {ctx.world.worker}: the other workers completed the stage meanwhile")
+            return None
+        raise
+
+
+def after_manifest(stage_dir: Path) -> None:
+    """The manifest is written: the scan's copy of the cleaned input is no longer needed."""
+    scan.clear(stage_dir)
+
+
+def _run(config: Config, ctx):
     files = _input_files(config, ctx)
     tokenizer = prepare_tokenizer(config, ctx, files)
     ids = special_ids(tokenizer)

@@ -11,11 +11,14 @@ pass needs about 24 B x documents / buckets, whatever the corpus size. The first
 position) wins, as it always did.
 
 Every scan file is written to a temporary name and renamed; a piece whose files exist is not scanned again.
+Once the stage's manifest is written, `clear` removes `.scan/` (the cleaned texts are as large as the input),
+keeping only each piece's small record (which worker read which bytes) under `.pieces/`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,8 @@ from pipeline.manifest import atomic_path, atomic_write_text
 from stages.shard.sources import Piece, clean, doc_hash, read_piece, split_of
 
 SCAN_DIR = ".scan"
+PIECES_DIR = ".pieces"
+"""Where `clear` keeps each piece's record (path, byte range, worker, input bytes) once the scan is gone."""
 KEPT, EMPTY, TOO_LONG = 0, 1, 2
 """What cleaning did to a raw document (the duplicate verdict comes later, from the dedup pass)."""
 SPLIT_CODES = {"train": 0, "valid": 1}
@@ -106,6 +111,21 @@ def scanned(stage_dir: Path, piece: Piece) -> bool:
         return False
     data = json.loads(record.read_text())
     return (data["path"], data["start"], data["end"]) == (str(piece.path), piece.start, piece.end)
+
+
+def clear(stage_dir: Path) -> None:
+    """Remove the scan once the stage is complete, keeping the piece records. Several workers may finish at
+    once and call this together: each step tolerates another having done it."""
+    scan_dir, kept = stage_dir / SCAN_DIR, stage_dir / PIECES_DIR
+    if not scan_dir.is_dir():
+        return
+    kept.mkdir(exist_ok=True)
+    for record in scan_dir.glob("piece-*.json"):
+        try:
+            record.replace(kept / record.name)
+        except FileNotFoundError:
+            pass
+    shutil.rmtree(scan_dir, ignore_errors=True)
 
 
 def mark_started(stage_dir: Path, worker: int) -> None:

@@ -62,7 +62,8 @@ def test_output_is_byte_identical_for_any_worker_count_and_piece_size(tmp_path):
 
     one = shard("one", 1, 1 << 26)
     three = shard("three", 3, 2_000)
-    assert len(list((tmp_path / "three" / "shard" / ".scan").glob("piece-*.json"))) > 6, "the text was cut into ranges"
+    assert len(list((tmp_path / "three" / "shard" / ".pieces").glob("piece-*.json"))) > 6, "the text was cut into ranges"
+    assert not (tmp_path / "three" / "shard" / ".scan").exists(), "the scan's copy of the input is removed once complete"
     assert [(o.path, o.sha256) for o in one.outputs] == [(o.path, o.sha256) for o in three.outputs]
     assert one.metrics == three.metrics and one.extra == three.extra
     assert one.metrics["docs_duplicate"] > 0 and one.metrics["docs_empty"] == 2
