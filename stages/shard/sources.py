@@ -136,18 +136,23 @@ def read_raw(path: Path, *, text_field: str, separator: str | None) -> Iterator[
             if kind == "text":
                 yield from _lines_to_docs(handle, separator)
                 return
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise ConfigError(f"inputs: {path}:{number}: not valid JSON (expected one object a line)") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise ConfigError(f"inputs: {path}:{number}: no field {text_field!r}; set text_field")
-                yield str(record[text_field] or "")
+            yield from _json_docs(((f"{path}:{n}", line) for n, line in enumerate(handle, 1)), text_field)
     except (OSError, EOFError) as err:
         raise ConfigError(f"inputs: {path}: unreadable ({err})") from None
+
+
+def _json_docs(lines: Iterable[tuple[str, str]], text_field: str) -> Iterator[str]:
+    """The `text_field` of each JSONL line (blank lines skipped); `where` names the line in errors."""
+    for where, line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"inputs: {where}: not valid JSON (expected one object a line)") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise ConfigError(f"inputs: {where}: no field {text_field!r}; set text_field")
+        yield str(record[text_field] or "")
 
 
 def clean(text: str, normalize: str) -> str:
@@ -227,17 +232,19 @@ class Piece:
 
 
 def plan_pieces(files: list[Path], piece_bytes: int, *, separator: str | None) -> list[Piece]:
-    """Cut the inputs into pieces: uncompressed one-document-a-line text by byte range, parquet by row groups.
+    """Cut the inputs into pieces: uncompressed one-document-a-line text and JSONL by byte range (a line belongs
+    to the range it starts in), parquet by row groups.
 
-    Compressed files, JSONL, `datasets` folders and text with a document separator stay whole (a range cannot
-    start mid-stream or mid-document).
+    Compressed files, `datasets` folders and text with a document separator stay whole (a range cannot start
+    mid-stream or mid-document).
     """
     pieces: list[Piece] = []
     for path in files:
         kind, suffixes = _kind(path), [s for s in path.suffixes]
         size = path.stat().st_size if path.is_file() else 0
         compressed = bool(suffixes) and suffixes[-1] in (".gz", ".zst")
-        if kind == "text" and not compressed and separator is None and size > piece_bytes:
+        if ((kind == "jsonl" or (kind == "text" and separator is None)) and not compressed
+                and size > piece_bytes):
             for start in range(0, size, piece_bytes):
                 pieces.append(Piece(len(pieces), path, start, min(start + piece_bytes, size)))
         elif path.is_file() and path.suffix == ".parquet":
@@ -299,7 +306,12 @@ def read_piece(piece: Piece, *, text_field: str, separator: str | None) -> Itera
         yield from _parquet_rows(piece.path, text_field, piece.start, piece.end)
     else:
         try:
-            for line in _range_lines(piece.path, piece.start, piece.end):
+            lines = _range_lines(piece.path, piece.start, piece.end)
+            if _kind(piece.path) == "jsonl":
+                where = f"{piece.path} (a line starting in bytes {piece.start}-{piece.end})"
+                yield from _json_docs(((where, line) for line in lines), text_field)
+                return
+            for line in lines:
                 yield line.rstrip("\n")
         except OSError as err:
             raise ConfigError(f"inputs: {piece.path}: unreadable ({err})") from None

@@ -27,6 +27,31 @@ def test_byte_ranges_read_what_the_whole_file_reads(tmp_path, piece_bytes):
     assert [d for p in pieces for d in read_piece(p, text_field="text", separator=None)] == whole
 
 
+JSONL = (b'{"text": "one"}\n\n{"text": "caf\xc3\xa9 \\u2028 two", "n": 2}\r\n{"text": null}\n  \n'
+         + b'{"text": "' + b"long " * 40 + b'"}\n{"text": "last, no newline"}')
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 9, 40, 10_000])
+def test_jsonl_byte_ranges_read_what_the_whole_file_reads(tmp_path, piece_bytes):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(JSONL)
+    whole = list(read_raw(path, text_field="text", separator=None))
+    assert len(whole) == 5
+    pieces = plan_pieces([path], piece_bytes, separator=None)
+    assert (len(pieces) > 1) == (piece_bytes < len(JSONL)) and all(p.end is not None for p in pieces[1:])
+    assert [d for p in pieces for d in read_piece(p, text_field="text", separator=None)] == whole
+
+
+def test_a_bad_jsonl_line_in_a_range_is_one_line_naming_the_file(tmp_path):
+    from pipeline.config import ConfigError
+
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n' * 20 + b"not json\n" + b'{"text": "fine"}\n' * 20)
+    with pytest.raises(ConfigError, match=r"docs.jsonl \(a line starting in bytes \d+-\d+\): not valid JSON"):
+        for piece in plan_pieces([path], 64, separator=None):
+            list(read_piece(piece, text_field="text", separator=None))
+
+
 def test_parquet_row_groups_stream_the_datasets_rows(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
