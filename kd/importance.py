@@ -9,6 +9,13 @@ heads (`attention.output.dense`) and the neurons (`output.dense`), so any attent
 `reorder` permutes each layer's heads and neurons so the most important come first (DynaBERT's network
 rewiring); the function the model computes is unchanged. `shrink` keeps chosen heads, neurons and layers.
 
+`activation_importance` needs no loss and no gradient (Minitron, Muralidharan et al. 2024, "Compact Language
+Models via Pruning and Knowledge Distillation", sec. 2.2): a hidden (residual) channel's importance is the mean
+|LayerNorm output| in that channel, summed over every LayerNorm (embeddings' and each layer's two); a head's is
+the mean L2 norm of its attention output (the input of `attention.output.dense`); an FFN neuron's the mean
+|activation| (the input of `output.dense`). Means are over the non-padding tokens. `top_indices` keeps the
+highest-scoring ones in ascending index order, so a student cut with them keeps the teacher's layout.
+
 A limit of plain Hugging Face BERT, stated once here: the attention width is tied to the hidden width
 (head size = hidden_size / num_attention_heads), so a BERT cannot have fewer heads than hidden_size / head
 size without changing its hidden size. `shrink` therefore cuts FFN neurons and layers into real smaller
@@ -21,6 +28,7 @@ the largest count and the shorter layers are padded with zero neurons (gelu(0) =
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -84,7 +92,82 @@ def head_neuron_importance(model: nn.Module, batches: Iterable, loss_fn: Callabl
     return head_total.detach(), neuron_total.detach()
 
 
-def _head_rows(order: torch.Tensor, d: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class ActivationImportance:
+    """Minitron's activation-based scores of a BERT: hidden channels [H], heads [L, heads], neurons [L, I]."""
+
+    channels: torch.Tensor
+    heads: torch.Tensor
+    neurons: torch.Tensor
+
+
+def activation_importance(model: nn.Module, batches: Iterable) -> ActivationImportance:
+    """Mean activation magnitudes over the non-padding tokens of `batches` (dicts with `input_ids` and optionally
+    `attention_mask`, `token_type_ids`); the model runs in eval mode without gradients, its mode is restored."""
+    base = getattr(model, "base_model", model)
+    layers, d = base.encoder.layer, head_size(model)
+    heads = model.config.num_attention_heads
+    norms = [base.embeddings.LayerNorm] + [n for layer in layers
+                                            for n in (layer.attention.output.LayerNorm, layer.output.LayerNorm)]
+    param = next(model.parameters())
+    channels = torch.zeros(model.config.hidden_size, dtype=torch.float64)
+    head_sum = torch.zeros(len(layers), heads, dtype=torch.float64)
+    neuron_sum = torch.zeros(len(layers), layers[0].intermediate.dense.out_features, dtype=torch.float64)
+    valid: list[torch.Tensor] = []  # this batch's [B, S, 1] token mask, read by the hooks
+
+    def masked_sum(x: torch.Tensor) -> torch.Tensor:  # [B, S, ...] -> [...], padding left out
+        mask = valid[0].reshape(valid[0].shape + (1,) * (x.dim() - 3))
+        return (x.double() * mask).sum(dim=(0, 1)).cpu()
+
+    def add_channels(_module, _args, out):
+        channels.add_(masked_sum(out.abs()))
+
+    def add_heads(i):
+        def hook(_module, args):
+            x = args[0]
+            head_sum[i] += masked_sum(x.reshape(*x.shape[:2], heads, d).norm(dim=-1))
+        return hook
+
+    def add_neurons(i):
+        def hook(_module, args):
+            neuron_sum[i] += masked_sum(args[0].abs())
+        return hook
+
+    hooks = [n.register_forward_hook(add_channels) for n in norms]
+    for i, layer in enumerate(layers):
+        hooks.append(layer.attention.output.dense.register_forward_pre_hook(add_heads(i)))
+        hooks.append(layer.output.dense.register_forward_pre_hook(add_neurons(i)))
+    tokens, was_training = 0, model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                ids = batch["input_ids"].to(param.device)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(ids) if mask is None else mask.to(param.device)
+                types = batch.get("token_type_ids")
+                valid[:] = [mask[..., None].double()]
+                base(input_ids=ids, attention_mask=mask,
+                     token_type_ids=None if types is None else types.to(param.device))
+                tokens += int(mask.sum())
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("activation importance needs at least one non-padding token")
+    return ActivationImportance(channels=channels / tokens, heads=head_sum / tokens, neurons=neuron_sum / tokens)
+
+
+def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` highest-scoring indices, ascending (ties keep the lower index: a stable sort)."""
+    if not 1 <= count <= scores.numel():
+        raise ValueError(f"cannot keep {count} of {scores.numel()}")
+    order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices
+    return torch.sort(order[:count]).values
+
+
+def head_rows(order: torch.Tensor, d: int) -> torch.Tensor:
     """Feature indices of the heads in `order` (each head is `d` consecutive features)."""
     return (order[:, None] * d + torch.arange(d, device=order.device)).reshape(-1)
 
@@ -122,7 +205,7 @@ def reorder(model: nn.Module, heads: torch.Tensor, neurons: torch.Tensor) -> Non
     d = head_size(model)
     for i, layer in enumerate(encoder_layers(model)):
         head_order = torch.sort(heads[i].detach().cpu(), descending=True, stable=True).indices
-        _select_heads(layer, _head_rows(head_order, d))
+        _select_heads(layer, head_rows(head_order, d))
         neuron_order = torch.sort(neurons[i].detach().cpu(), descending=True, stable=True).indices
         _select_neurons(layer, neuron_order)
 
@@ -132,7 +215,7 @@ def _zero_dropped_heads(layer: nn.Module, kept: list[int], total: int, d: int) -
     dropped = [h for h in range(total) if h not in set(kept)]
     if not dropped:
         return
-    rows = _head_rows(torch.tensor(dropped), d)
+    rows = head_rows(torch.tensor(dropped), d)
     attn = layer.attention.self
     with torch.no_grad():
         for proj in (attn.query, attn.key, attn.value):

@@ -244,18 +244,24 @@ def to_dict(config: Any) -> Any:
 
 
 def config_hash(config: Any) -> str:
-    """sha256 of the config's canonical JSON, leaving out fields marked `metadata={"hash": False}`.
+    """sha256 of the config's canonical JSON, leaving out fields marked `metadata={"hash": False}`, and fields
+    marked `metadata={"hash": "unless_default"}` while they hold their default.
 
     Fields such as a worker index or a log interval do not change a stage's output, so they do not
-    change its hash, and a rerun with another worker count still finds its finished work.
+    change its hash, and a rerun with another worker count still finds its finished work. A new option whose
+    default does what the code did before it existed is "unless_default": finished stages keep their hash.
     """
+
+    def counts(f: dataclasses.Field, value: Any) -> bool:
+        mode = f.metadata.get("hash", True)
+        return mode == "unless_default" and value != f.default if isinstance(mode, str) else bool(mode)
 
     def strip(node: Any) -> Any:
         if dataclasses.is_dataclass(node):
             return {
                 f.name: strip(getattr(node, f.name))
                 for f in dataclasses.fields(node)
-                if f.metadata.get("hash", True)
+                if counts(f, getattr(node, f.name))
             }
         if isinstance(node, dict):
             return {k: strip(v) for k, v in node.items()}

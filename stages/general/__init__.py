@@ -37,7 +37,9 @@ def run(config: Config, ctx):
         deepspeed_json(settings, world.world_size)  # a conflicting DeepSpeed JSON fails before any loading
     setup = data.prepare(config, ctx)  # tokenizer, teacher, cache provenance, masks: all checked here
     torch.manual_seed(ctx.seed)  # the student's random parts are the same on every rank
-    trainee = gm.Trainee.build(config, setup.teacher)  # from the fp32 CPU teacher, then the teacher moves
+    scored = (data.importance_batches(config, setup, settings.micro_batch_size)
+              if config.student.keep_by == "importance" else None)  # the text a cut by importance scores on
+    trainee = gm.Trainee.build(config, setup.teacher, scored)  # from the fp32 CPU teacher, then the teacher moves
     setup.teacher = teachers.place(setup.teacher, settings.device, config.teacher_dtype)
     if setup.members:  # the team's sampler, now that the student's capacity is known
         setup.team = general_team.build(config, ctx, setup, trainee.student, settings, valid=lambda: data.TrainStream(

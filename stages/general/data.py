@@ -6,6 +6,7 @@ not hold) is checked in `prepare`, before the student is built or any step runs.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,23 @@ def make_batch(pairs: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
             batch["sampled_ids"] = torch.from_numpy(np.concatenate([r.sampled_ids for r in records]).astype(np.int64))
             batch["sampled_counts"] = torch.from_numpy(np.concatenate([r.sampled_counts for r in records]).astype(np.float32))
     return batch
+
+
+def importance_batches(config: Config, setup: Setup, micro: int) -> list[dict[str, torch.Tensor]]:
+    """The first `student.importance_samples` training sequences, unmasked and in shard order (the same on every
+    rank), in batches of `micro`: the text a keep_by 'importance' cut scores the teacher on."""
+    reader = corpus.CorpusReader(setup.corpus_dir, "train", shuffle=False, loop=False,
+                                 partitions=config.reader_partitions)
+    samples = list(itertools.islice(reader, config.student.importance_samples))
+    pad_id = int(setup.corpus_extra["pad_id"])
+    batches = []
+    for start in range(0, len(samples), micro):
+        chunk = samples[start:start + micro]
+        ids = _pad([s.input_ids for s in chunk], pad_id)
+        lengths = torch.tensor([len(s.input_ids) for s in chunk])
+        batches.append({"input_ids": ids, "token_type_ids": _pad([s.token_type_ids for s in chunk], 0),
+                        "attention_mask": (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()})
+    return batches
 
 
 class TrainStream:

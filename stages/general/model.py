@@ -36,10 +36,11 @@ class Trainee(nn.Module):
         self.proj_embed = nn.Linear(width, teacher_width) if embed and width != teacher_width else None
 
     @classmethod
-    def build(cls, config: Config, teacher: nn.Module) -> "Trainee":
-        """The student from `config.student` (ValueError there is a ConfigError naming the key)."""
+    def build(cls, config: Config, teacher: nn.Module, batches: list | None = None) -> "Trainee":
+        """The student from `config.student` (ValueError there is a ConfigError naming the key); `batches`: the
+        training text a keep_by 'importance' cut scores the teacher on."""
         try:
-            student = build_student(config.student, teacher)
+            student = build_student(config.student, teacher, batches)
         except ValueError as err:
             raise ConfigError(f"student: {err}") from None
         weights, on = config.loss, config.projection

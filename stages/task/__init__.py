@@ -163,7 +163,11 @@ def run(config: Config, ctx):
     student_folder = _student_dir(config, ctx)
     if student_folder is not None:
         check_same_vocab(tokenizer, AutoTokenizer.from_pretrained(str(student_folder)), f"student {student_folder}")
-    student = loop.build_classifier(student_folder, config.student_init, teacher, num_labels)
+    init = config.student_init
+    scored = (loop.importance_batches(train.texts, tokenizer, config.data.max_length, init.importance_samples,
+                                      config.batch_size)
+              if student_folder is None and init.keep_by == "importance" else None)
+    student = loop.build_classifier(student_folder, init, teacher, num_labels, scored)
     team = skd.load(config, ctx, tokenizer, train.label_names, student)  # None without `team`
     if team is not None and team.cached:  # the members' caches are the training set
         texts, labels, cached = team.texts, team.labels, None

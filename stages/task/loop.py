@@ -26,9 +26,28 @@ from stages.task.config import Config
 CKPT = "ckpt"
 
 
-def build_classifier(folder, student_init, teacher, num_labels: int):
+def importance_batches(texts: list[tuple[str, ...]], tokenizer, max_length: int, samples: int,
+                       batch_size: int) -> list[dict]:
+    """The first `samples` training examples, tokenised and padded in batches: the text a keep_by
+    'importance' cut scores the teacher on."""
+    from formats.taskdata import encode
+
+    ids, types = encode(tokenizer, list(texts[:samples]), max_length)
+    batches = []
+    for start in range(0, len(ids), batch_size):
+        rows, kinds = ids[start:start + batch_size], types[start:start + batch_size]
+        width = max(len(r) for r in rows)
+        batches.append({
+            "input_ids": torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows]),
+            "token_type_ids": torch.tensor([t + [0] * (width - len(t)) for t in kinds]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])})
+    return batches
+
+
+def build_classifier(folder, student_init, teacher, num_labels: int, batches: list | None = None):
     """A sequence-classification student: from a saved model folder, or built from the teacher's layers
-    (the teacher's classifier copied when widths allow, since it already separates the task's classes)."""
+    (the teacher's classifier copied when widths allow, since it already separates the task's classes);
+    `batches`: the text a keep_by 'importance' cut scores the teacher on."""
     from transformers import (
         AutoModelForSequenceClassification,
         BertForSequenceClassification,
@@ -40,7 +59,7 @@ def build_classifier(folder, student_init, teacher, num_labels: int):
         student = AutoModelForSequenceClassification.from_pretrained(
             str(folder), num_labels=num_labels, attn_implementation=ATTENTION)
     else:
-        mlm = build_student(student_init, teacher)
+        mlm = build_student(student_init, teacher, batches)
         cfg = mlm.config
         cfg.num_labels = num_labels
         student = BertForSequenceClassification(cfg)
