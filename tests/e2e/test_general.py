@@ -75,6 +75,19 @@ def test_online_teacher_every_loss_with_projection(inputs, tmp_path):
     assert not [k for k in student_weights(run_dir) if "proj" in k]
 
 
+def test_student_cut_by_importance_on_the_corpus(inputs, tmp_path):
+    """keep_by importance scores the teacher on the stage's first corpus sequences and records the cut."""
+    root, recipe, reference = inputs
+    run_dir = fresh_run(reference, tmp_path / "run")
+    manifest = run_inprocess(recipe, run_dir, "student={init: teacher, num_layers: 1, keep_heads: 1, "
+                             "keep_intermediate: 16, keep_by: importance, importance_samples: 8}",
+                             'cache="@cache"', "max_steps=2", "checkpoint_every=0")
+    assert manifest.metrics["train_steps"] == 2
+    cut = json.loads((run_dir / "general" / "model" / "config.json").read_text())["distill_cut"]
+    assert cut["keep_by"] == "importance" and len(cut["channels"]) == 16 and [len(n) for n in cut["neurons"]] == [16]
+    assert cut["channels"] == sorted(set(cut["channels"])) and cut["channels"] != list(range(16))
+
+
 def test_kill_then_resume_auto_is_bit_equal_with_dropout(inputs, tmp_path):
     root, recipe, reference = inputs
     straight = fresh_run(reference, tmp_path / "straight")

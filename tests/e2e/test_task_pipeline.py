@@ -68,7 +68,8 @@ stages:
     teacher: "@teacher_finetune"
     augmented: "@augment"
     objective: pkd
-    student_init: {{num_layers: 2, layer_selection: first}}
+    student_init: {{num_layers: 2, layer_selection: first, keep_intermediate: 32, keep_by: importance,
+                    importance_samples: 8}}
     pkd_layers: last
     temperature: 2.0
     max_steps: 2
@@ -161,6 +162,10 @@ def test_students_read_the_cache_and_report(pipeline_run):
         assert f"]({image})" in text and (run_dir / "task" / image).stat().st_size > 1000, image
         assert image in {o.path for o in first.outputs}
     assert "| test accuracy |" in text and "| class | support |" in text and "predicts" in text
+    # PKD's student was cut by importance from the teacher on the stage's own training text: the cut is recorded.
+    cut = json.loads((run_dir / "pkd" / "model" / "config.json").read_text())["distill_cut"]
+    assert cut["keep_by"] == "importance" and [len(n) for n in cut["neurons"]] == [32, 32]
+    assert all(n == sorted(set(n)) for n in cut["neurons"]) and len(cut["channels"]) == 32
 
 
 def test_one_test_split_for_every_stage_and_none_of_it_trained_on(pipeline_run, tmp_path):
