@@ -144,9 +144,10 @@ def run(config: Config, ctx):
     """Scan this worker's pieces, wait for the others, write this worker's shards; the manifest when all are done."""
     try:
         return _run(config, ctx)
-    except (FileNotFoundError, ConfigError):
-        # A late worker (a retried array task) may find the scan cleared under it: the stage is complete.
-        if (ctx.stage_dir / MANIFEST).is_file():
+    except (scan.StageComplete, FileNotFoundError, ConfigError) as err:
+        # A worker with nothing left to write, or a retried array task, may find the scan cleared under it
+        # by the worker that completed the stage.
+        if isinstance(err, scan.StageComplete) or (ctx.stage_dir / MANIFEST).is_file():
             log.info(f"worker {ctx.world.worker}: the other workers completed the stage meanwhile")
             return None
         raise
@@ -180,7 +181,8 @@ def _run(config: Config, ctx):
     for index, piece in enumerate(pieces):
         if not scan.started(ctx.stage_dir, index % world.num_workers):
             scan_one(piece)
-    scan.wait_for(list(scan.pieces_of(ctx.stage_dir, len(pieces))), config.wait_timeout_s, "shard scan")
+    scan.wait_for(list(scan.pieces_of(ctx.stage_dir, len(pieces))), config.wait_timeout_s, "shard scan",
+                  complete=(ctx.stage_dir / MANIFEST).is_file)
     dedup_file = ctx.stage_dir / scan.SCAN_DIR / "dedup.npz"
     if not dedup_file.exists():  # any worker: the pass is deterministic and its file is written atomically
         scan.dedup(ctx.stage_dir, len(pieces), buckets=config.dedup_buckets, enabled=config.dedup)

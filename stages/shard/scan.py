@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import zstandard
@@ -138,10 +138,18 @@ def started(stage_dir: Path, worker: int) -> bool:
     return (stage_dir / SCAN_DIR / f"worker-{worker:05d}.started").is_file()
 
 
-def wait_for(paths: list[Path], timeout_s: float, what: str) -> None:
-    """Poll until every path exists (other array workers write them); ConfigError after `timeout_s`."""
+class StageComplete(Exception):
+    """The other workers completed the stage (its manifest exists) while this one waited for their scans."""
+
+
+def wait_for(paths: list[Path], timeout_s: float, what: str, complete: Callable[[], bool] | None = None) -> None:
+    """Poll until every path exists (other array workers write them); ConfigError after `timeout_s`.
+    StageComplete when `complete()` turns true first: the scan is cleared once the stage is done, so a worker
+    that had nothing left to write would otherwise wait for files that will not come back."""
     deadline = time.monotonic() + timeout_s
     while not all(p.exists() for p in paths):
+        if complete is not None and complete():
+            raise StageComplete(what)
         if time.monotonic() > deadline:
             missing = sum(not p.exists() for p in paths)
             raise ConfigError(f"{what}: {missing} of {len(paths)} files still missing after {timeout_s:.0f} s "

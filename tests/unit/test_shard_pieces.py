@@ -92,3 +92,15 @@ def test_output_is_byte_identical_for_any_worker_count_and_piece_size(tmp_path):
     assert [(o.path, o.sha256) for o in one.outputs] == [(o.path, o.sha256) for o in three.outputs]
     assert one.metrics == three.metrics and one.extra == three.extra
     assert one.metrics["docs_duplicate"] > 0 and one.metrics["docs_empty"] == 2
+
+
+def test_a_waiting_worker_stops_when_the_stage_completes_meanwhile(tmp_path):
+    """The scan is cleared once the manifest exists, so a worker still waiting for it must stop, not time out."""
+    import time
+
+    from stages.shard import scan
+
+    started = time.monotonic()
+    with pytest.raises(scan.StageComplete):
+        scan.wait_for([tmp_path / "never"], 600, "shard scan", complete=lambda: True)
+    assert time.monotonic() - started < 5
