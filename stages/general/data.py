@@ -135,14 +135,7 @@ def importance_batches(config: Config, setup: Setup, micro: int) -> list[dict[st
                                  partitions=config.reader_partitions)
     samples = list(itertools.islice(reader, config.student.importance_samples))
     pad_id = int(setup.corpus_extra["pad_id"])
-    batches = []
-    for start in range(0, len(samples), micro):
-        chunk = samples[start:start + micro]
-        ids = _pad([s.input_ids for s in chunk], pad_id)
-        lengths = torch.tensor([len(s.input_ids) for s in chunk])
-        batches.append({"input_ids": ids, "token_type_ids": _pad([s.token_type_ids for s in chunk], 0),
-                        "attention_mask": (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()})
-    return batches
+    return [corpus.collate(samples[start:start + micro], pad_id) for start in range(0, len(samples), micro)]
 
 
 class TrainStream:

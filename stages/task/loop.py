@@ -30,18 +30,11 @@ def importance_batches(texts: list[tuple[str, ...]], tokenizer, max_length: int,
                        batch_size: int) -> list[dict]:
     """The first `samples` training examples, tokenised and padded in batches: the text a keep_by
     'importance' cut scores the teacher on."""
-    from formats.taskdata import encode
+    from formats.taskdata import encode, pad_batch
 
     ids, types = encode(tokenizer, list(texts[:samples]), max_length)
-    batches = []
-    for start in range(0, len(ids), batch_size):
-        rows, kinds = ids[start:start + batch_size], types[start:start + batch_size]
-        width = max(len(r) for r in rows)
-        batches.append({
-            "input_ids": torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows]),
-            "token_type_ids": torch.tensor([t + [0] * (width - len(t)) for t in kinds]),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])})
-    return batches
+    return [pad_batch(ids[start:start + batch_size], types[start:start + batch_size], tokenizer.pad_token_id)
+            for start in range(0, len(ids), batch_size)]
 
 
 def build_classifier(folder, student_init, teacher, num_labels: int, batches: list | None = None):
