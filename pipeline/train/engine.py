@@ -20,7 +20,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.train import device as devices
-from pipeline.train import dist
+from pipeline.train import dist, host_memory
 from pipeline.train.optim import EngineSettings, adamw, lr_at, param_groups  # noqa: F401 (re-exported)
 from pipeline.world import World
 
@@ -280,6 +280,8 @@ def build_engine(model: torch.nn.Module, *, settings: EngineSettings, world: Wor
     """
     if settings.activation_checkpointing:
         _checkpoint_activations(model)
+    if settings.device.type == "cpu" and settings.keep_host_memory:
+        host_memory.keep_freed_buffers()
     if params is not None:  # train only these: freeze the rest so both engines and DDP agree on what trains
         keep = {id(p) for _, p in params}
         for p in model.parameters():
