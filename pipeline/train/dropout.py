@@ -23,9 +23,7 @@ _LEVELS = 1 << 16
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
     """A bool mask of `shape`, each element True with probability 1 - round(p * 2^16) / 2^16, from the default
     generator of `device` (seeded and checkpointed like every other draw)."""
-    count = 1
-    for size in shape:
-        count *= size
+    count = shape.numel()
     words = torch.randint(-(1 << 63), (1 << 63) - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)
     draws = words.view(torch.int16)[:count].view(shape)
     return draws >= round(p * _LEVELS) - _LEVELS // 2

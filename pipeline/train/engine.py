@@ -280,12 +280,13 @@ def build_engine(model: torch.nn.Module, *, settings: EngineSettings, world: Wor
     """
     if settings.activation_checkpointing:
         _checkpoint_activations(model)
-    if settings.device.type == "cpu" and settings.keep_host_memory:
-        host_memory.keep_freed_buffers()
-    if settings.device.type == "cpu" and settings.fast_dropout:
-        from pipeline.train.dropout import use_fast_dropout
+    if settings.device.type == "cpu":
+        if settings.keep_host_memory:
+            host_memory.keep_freed_buffers()
+        if settings.fast_dropout:
+            from pipeline.train.dropout import use_fast_dropout
 
-        use_fast_dropout(model)
+            use_fast_dropout(model)
     if params is not None:  # train only these: freeze the rest so both engines and DDP agree on what trains
         keep = {id(p) for _, p in params}
         for p in model.parameters():
