@@ -4,6 +4,7 @@ Objectives:
   tinybert               TinyBERT's two steps in order: intermediate layers, then prediction layer
   tinybert_intermediate  step 1 only: embedding + attention (pre-softmax scores) + hidden MSE, online teacher
   tinybert_prediction    step 2 only: soft CE at T against the teacher logits cached by `augment`
+                         (mixed with the hard CE when hard_weight > 0)
   pkd                    Patient KD: (1-alpha) hard CE + alpha soft CE at T + beta normalised [CLS] MSE,
                          over PKD-skip or PKD-last layers
 The student comes from an upstream model stage (`student: "@general"`, or an earlier `task` stage, so the

@@ -58,6 +58,10 @@ class Config(TrainConfig):
     """Softmax temperature T of the soft cross-entropy."""
     alpha: float = 0.5
     """Patient KD: weight of the soft loss (the hard loss gets 1 - alpha)."""
+    hard_weight: float = field(default=0.0, metadata={"hash": "unless_default"})
+    """TinyBERT's prediction step: weight of the ground-truth cross-entropy mixed into the soft loss, as
+    (1 - hard_weight) soft + hard_weight hard (Hinton et al. 2015's weighted sum; TinyBERT uses 0). An
+    augmented row carries its original sentence's label."""
     beta: float = 100.0
     """Patient KD: weight of the [CLS] loss `kd.losses.pkd_cls_mse`, the mean over mapped layers, batch and
     features of the squared difference of L2-normalised states (the released code's scale, where the paper's
@@ -104,6 +108,8 @@ class Config(TrainConfig):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0 <= self.hard_weight <= 1:
+            raise ValueError(f"hard_weight must be in [0, 1], got {self.hard_weight}")
 
     def phases(self) -> list[tuple[str, float]]:
         """(phase, epochs) in training order."""

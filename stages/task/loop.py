@@ -130,10 +130,12 @@ def phase_loss(phase: str, config: Config, trainee, forward, teacher, batch: dic
         t_cls = list(t_cls.unbind(0))
     s_out = forward(**batch, output_hidden_states=want_cls)
     soft = _soft(config, s_out.logits, t_logits, regression)
-    if phase == "prediction":
+    if phase == "prediction" and not config.hard_weight:
         return soft
-    student = trainee.student
     hard = losses.hard_loss(s_out.logits, labels, regression=regression)
+    if phase == "prediction":
+        return (1 - config.hard_weight) * soft + config.hard_weight * hard
+    student = trainee.student
     m_count = student.config.num_hidden_layers
     mapping = losses.layer_map(config.pkd_layers, m_count, teacher.config.num_hidden_layers)[:-1]
     loss = (1 - config.alpha) * hard + config.alpha * soft

@@ -55,3 +55,31 @@ def test_narrow_student_pkd_loss_projects_cls_states_and_trains_the_projection(m
     assert {"proj.weight", "proj.bias"} <= {n for n, _ in _phase_params(trainee, "pkd", trainable)}
     assert not {"proj.weight"} & {n for n, _ in _phase_params(trainee, "prediction", trainable)}
 
+
+
+@pytest.mark.parametrize("hard_weight", [0.0, 0.25, 1.0])
+def test_prediction_loss_mixes_the_hard_cross_entropy_by_hard_weight(models, hard_weight):
+    teacher, student = models
+    trainee = Trainee(student, None)
+    config = Config(teacher_path="unused", objective="tinybert_prediction", augmented="@augment",
+                    temperature=2.0, hard_weight=hard_weight)
+    ids = torch.randint(5, 100, (4, 6))
+    t_logits = torch.randn(4, 2)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+             "labels": torch.tensor([0, 1, 1, 0]), "t_logits": t_logits}
+    loss = phase_loss("prediction", config, trainee, trainee.forward, teacher, batch, regression=False)
+
+    model_in = {k: v for k, v in batch.items() if k not in ("labels", "t_logits")}
+    s_logits = student(**model_in).logits
+    expected = ((1 - hard_weight) * L.soft_ce_full(s_logits, t_logits, 2.0)
+                + hard_weight * F.cross_entropy(s_logits, batch["labels"]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_hard_weight_outside_zero_one_is_refused_and_its_default_keeps_the_stage_hash():
+    with pytest.raises(ValueError, match="hard_weight must be in"):
+        Config(teacher_path="unused", hard_weight=1.5)
+    from pipeline.config import config_hash
+
+    assert config_hash(Config(teacher_path="t")) == config_hash(Config(teacher_path="t", hard_weight=0.0))
+    assert config_hash(Config(teacher_path="t")) != config_hash(Config(teacher_path="t", hard_weight=0.5))
