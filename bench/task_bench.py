@@ -56,7 +56,7 @@ def _ours(student, teacher, batch, labels):
 
     with torch.no_grad():
         cached = {**batch, "labels": labels, "t_logits": teacher(**batch).logits}
-    config = SimpleNamespace(temperature=1.0)
+    config = SimpleNamespace(temperature=1.0, hard_weight=0.0)
     trainee = Trainee(student, torch.nn.Identity())
     engine = build_engine(trainee, settings=EngineSettings(backend="torch", lr=1e-5, total_steps=10**6,
                                                            micro_batch_size=len(labels), clip_norm=1.0), world=World())
