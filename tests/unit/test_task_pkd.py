@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from kd import losses as L
 from kd.students import StudentConfig
+from pipeline.config import config_hash
 from stages.task.config import Config
 from stages.task.loop import Trainee, _phase_params, _projection, build_classifier, phase_loss
 
@@ -56,7 +57,6 @@ def test_narrow_student_pkd_loss_projects_cls_states_and_trains_the_projection(m
     assert not {"proj.weight"} & {n for n, _ in _phase_params(trainee, "prediction", trainable)}
 
 
-
 @pytest.mark.parametrize("hard_weight", [0.0, 0.25, 1.0])
 def test_prediction_loss_mixes_the_hard_cross_entropy_by_hard_weight(models, hard_weight):
     teacher, student = models
@@ -79,7 +79,5 @@ def test_prediction_loss_mixes_the_hard_cross_entropy_by_hard_weight(models, har
 def test_hard_weight_outside_zero_one_is_refused_and_its_default_keeps_the_stage_hash():
     with pytest.raises(ValueError, match="hard_weight must be in"):
         Config(teacher_path="unused", hard_weight=1.5)
-    from pipeline.config import config_hash
-
     assert config_hash(Config(teacher_path="t")) == config_hash(Config(teacher_path="t", hard_weight=0.0))
     assert config_hash(Config(teacher_path="t")) != config_hash(Config(teacher_path="t", hard_weight=0.5))
